@@ -1,0 +1,493 @@
+"""Feature Map Distortion (FMD) and block FMD.
+
+Tang, Wang, Xu, Xu, Xu, Tian, Xu, "Beyond Dropout: Feature Map Distortion to Regularize Deep
+Neural Networks", AAAI 2020 (arXiv:2002.11022).
+
+Dropout replaces the masked elements of a feature map by zero, ``f_hat = f - m * f`` (Eq. 5).
+FMD replaces them by a *learned distortion*: ``f_hat = f - m * eps`` (Eq. 6 / Eq. 17), where
+``eps`` starts at ``f`` (so the start is dropout) and takes ``steps`` gradient steps on the
+empirical-Rademacher-complexity objective ``T(x, eps)`` of the next layer's output (Eq. 10-11
+for a fully connected next layer, Eq. 20-21 for a convolution; see :mod:`timm_fmd.erc`).
+
+Two ways to compute the gradient of ``T``:
+
+* ``mode='exact'`` -- Eq. 12-14 (linear next layer) / Eq. 22-24 (convolution) with the batch's true
+  maximising row ``k_hat`` and sign ``S`` of ``Q = K * G``, ``G = sum_i sigma_i f_hat_i``
+  (Eq. 8 / 18), one Rademacher sign ``sigma_i`` per sample. The gradient of ``sum_p |Q[k_hat, p]|``
+  is taken through the transposed convolution, i.e. the true derivative of Eq. 21; the printed
+  Eq. 22 is its position-independent simplification.
+* ``mode='approx'`` -- Eq. 15 / Eq. 22 with the paper's random stand-ins: ``sigma_i u`` with
+  ``u ~ N(0, 1)`` per element (``sigma_i u`` is itself ``N(0, 1)``, so one normal is drawn) and
+  ``K_M``, the column-wise max of the next layer's weight. For a convolution the per-channel
+  weight is ``w_c = mean_{h,w}(S'[c, h, w] * K_M[c, h, w])`` with random signs ``S'``, times 0.1 when
+  the kernel is 1x1; for a linear next layer ``w_c = K_M[c]``; with no known next layer
+  ``w_c = 0.01``. This matches, in distribution, the authors' public release (Disout), where a
+  distorted element becomes ``gamma * std(f) * w_c * z``, ``z ~ N(0, 1)``.
+
+How gamma, lambda and the 1/N of the equations map to this code. Let ``N`` be the batch size,
+``P`` the number of output positions of ``Q`` (1 for a linear layer) and ``|w|`` the kernel area
+of the next layer (1 for a linear layer). One step of the code is::
+
+    eps <- eps - gamma * std(f) * (-sigma_i * m_i * D / |w| + lam * eps)
+
+with ``D = K[k_hat]^T S[k_hat]`` (exact) or ``D / |w|`` replaced by ``u * w_c`` (approx). This is
+the paper's step (Eq. 16) ``eps <- eps - gamma_p * dT/deps`` with
+``gamma_p = gamma * std(f) * N * P / |w|`` and ``lambda_p = lam * |w| / P`` (for a linear next layer:
+``gamma_p = gamma * std(f) * N`` and ``lambda_p = lam``). Absorbing ``N * P`` keeps gamma independent
+of batch and map size; dividing by ``|w|`` makes ``D / |w|`` the kernel-window *mean* that the
+authors' release uses. ``std(f)`` is the standard deviation of the whole batch's feature map
+(paper, Experiments: "we multiply gamma by the standard deviation of the feature maps").
+
+``eps`` is a constant for the weights' backward pass -- the paper alternates one ``eps`` step and one
+weight step -- so gradients reach ``f`` through the kept elements only. The output is divided by
+the realised kept fraction, distorted elements included, as in the authors' release (the paper's
+"dividing p in the training phase"). Eval mode and ``prob == 0`` return the input object itself.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .erc import rademacher_sup
+from .masks import block_mask, block_seed_rate, clamp_block_size, element_mask, expected_block_fraction
+from .next_layer import NextLayer
+from .schedule import LinearRamp
+from .validation import check_choice, check_non_negative, check_positive_int, check_prob
+
+__all__ = ['feature_map_distortion', 'FeatureMapDistortion', 'BlockFeatureMapDistortion', 'approx_channel_weights']
+
+LAYOUTS = ('NC', 'NLC', 'NCL', 'NCHW', 'NHWC')
+_DEFAULT_LAYOUT = {2: 'NC', 3: 'NLC', 4: 'NCHW'}
+NO_NEXT_LAYER_WEIGHT = 0.01  # the authors' release, when no next layer is known
+ONE_BY_ONE_FACTOR = 0.1  # the authors' release, for a 1x1 next convolution
+
+NextLayerLike = Union[nn.Module, torch.Tensor, NextLayer, None]
+
+
+def _resolve_layout(layout: Optional[str], ndim: int) -> str:
+    if layout is None:
+        if ndim not in _DEFAULT_LAYOUT:
+            raise ValueError(
+                f'x must have shape (B, C), (B, N, C) or (B, C, H, W); got a {ndim}-dim tensor')
+        return _DEFAULT_LAYOUT[ndim]
+    check_choice(layout, 'layout', LAYOUTS)
+    if len(layout) != ndim:
+        raise ValueError(f'layout {layout!r} needs a {len(layout)}-dim tensor, got a {ndim}-dim tensor')
+    return layout
+
+
+def approx_channel_weights(
+        next_layer: Optional[NextLayer],
+        channels: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """``w_c``, the per-channel scale of the approximate gradient (Eq. 15 / Eq. 22), shape ``(C,)``."""
+    if next_layer is None:
+        return torch.full((channels,), NO_NEXT_LAYER_WEIGHT, device=device, dtype=dtype)
+    k_max = next_layer.channel_max().to(device=device, dtype=dtype)
+    if next_layer.kind == 'linear':
+        return k_max
+    signs = torch.rand(k_max.shape, device=device, generator=generator) < 0.5
+    weights = torch.where(signs, k_max, -k_max).mean((1, 2))
+    return weights * ONE_BY_ONE_FACTOR if next_layer.window == 1 else weights
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when ``t`` covers its memory without gaps or overlaps (any dimension order)."""
+    expected = 1
+    for d in sorted(range(t.ndim), key=t.stride):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's memory."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+class _DensePositions:
+    """Distorted positions as a bool mask broadcastable to the map: no synchronisation (GPU, compile)."""
+
+    def __init__(self, mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
+        self.mask = mask
+        self.map_shape = xc.shape
+        self.fraction = mask.to(dtype).mean()  # same for a channel-shared mask: every channel shares it
+        self.scale = torch.where(self.fraction < 1, 1 / (1 - self.fraction), torch.ones_like(self.fraction))
+
+    def per_sample(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *[1] * (len(self.map_shape) - 1))
+
+    def per_channel(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(1, -1, *[1] * (len(self.map_shape) - 2))
+
+    def per_position(self, d: torch.Tensor) -> torch.Tensor:
+        return d[None]
+
+    def features(self, xc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return xc.to(dtype)
+
+    def zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype, device=self.mask.device)
+
+    def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
+        return torch.randn(self.map_shape, dtype=dtype, device=self.mask.device, generator=generator)
+
+    def batch_sum(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, v, 0).sum(0)
+
+    def combine(self, xc: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.to(xc.dtype)
+        return torch.where(self.mask, (values * self.scale).to(xc.dtype), xc * scale)
+
+
+class _WriteAt(torch.autograd.Function):
+    """``out = x * scale`` with ``values`` written at memory offsets ``index``.
+
+    Its derivative is ``scale`` off ``index`` and zero on it: the distortion is a constant for the
+    weights' backward pass. Both passes touch the map once plus the distorted elements only.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        out = torch.empty_like(x)  # x is dense, so ``out`` has x's strides and ``index`` addresses both
+        torch.mul(x, scale, out=out)
+        _flat(out)[index] = values
+        ctx.save_for_backward(index)
+        ctx.scale, ctx.layout = scale, (x.shape, x.stride())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        grad_x = torch.empty_strided(*ctx.layout, dtype=grad.dtype, device=grad.device)
+        torch.mul(grad, ctx.scale, out=grad_x)
+        _flat(grad_x)[index] = 0
+        return grad_x, None, None, None
+
+
+class _SparsePositions:
+    """Distorted positions as coordinates: draws and writes touch only the distorted elements (CPU)."""
+
+    def __init__(self, mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
+        self.map_shape = xc.shape
+        channels = xc.shape[1]
+        if mask.shape[1] == 1 and channels > 1:  # channel-shared: every channel at each masked position
+            pos = mask[:, 0].nonzero()
+            n_pos = pos.shape[0]
+            chan = torch.arange(channels, device=mask.device)
+            coords = [pos[:, :1].expand(n_pos, channels), chan.expand(n_pos, channels)]
+            coords += [pos[:, d:d + 1].expand(n_pos, channels) for d in range(1, pos.shape[1])]
+            coords = [c.reshape(-1) for c in coords]
+        else:
+            coords = list(mask.nonzero().unbind(1))
+        self.sample, self.channel, self.spatial = coords[0], coords[1], tuple(coords[2:])
+        self.count = self.sample.numel()
+        self.fraction = self.count / xc.numel()
+        self.scale = 1.0 / (1.0 - self.fraction) if self.fraction < 1.0 else 1.0
+        self.device = mask.device
+
+    def offsets(self, t: torch.Tensor) -> torch.Tensor:
+        """Memory offsets of the distorted elements in the dense tensor ``t``."""
+        stride = t.stride()
+        index = self.sample * stride[0] + self.channel * stride[1]
+        for d, coord in enumerate(self.spatial):
+            index += coord * stride[d + 2]
+        return index
+
+    def per_sample(self, v: torch.Tensor) -> torch.Tensor:
+        return v[self.sample]
+
+    def per_channel(self, v: torch.Tensor) -> torch.Tensor:
+        return v[self.channel]
+
+    def per_position(self, d: torch.Tensor) -> torch.Tensor:
+        return d[(self.channel,) + self.spatial]
+
+    def features(self, xc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _flat(xc)[self.offsets(xc)].to(dtype)
+
+    def zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype, device=self.device)
+
+    def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
+        return torch.randn(self.count, dtype=dtype, device=self.device, generator=generator)
+
+    def batch_sum(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.map_shape[1:], dtype=v.dtype, device=self.device)
+        return out.index_put_((self.channel,) + self.spatial, v.expand(self.count), accumulate=True)
+
+    def combine(self, xc: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        values = (values * self.scale).to(xc.dtype).expand(self.count)
+        return _WriteAt.apply(xc, self.offsets(xc), values, self.scale)
+
+
+def _positions(mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
+    # Explicit coordinates need one host read of the mask's nonzero count: free on the CPU, a
+    # synchronisation on an accelerator, a graph break under torch.compile. Use the dense mask there.
+    if xc.device.type == 'cpu' and not torch.compiler.is_compiling():
+        return _SparsePositions(mask, xc, dtype)
+    return _DensePositions(mask, xc, dtype)
+
+
+def _distort(
+        x: torch.Tensor,
+        prob: float,
+        *,
+        gamma: float,
+        lam: float,
+        steps: int,
+        mode: str,
+        next_layer: NextLayerLike,
+        block_size: Optional[int],
+        shared_mask: bool,
+        layout: Optional[str],
+        generator: Optional[torch.Generator],
+        mask: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]:
+    """:func:`feature_map_distortion` in training mode; also returns the realised distorted fraction."""
+    prob = check_prob(prob)
+    gamma = check_non_negative(gamma, 'gamma')
+    lam = check_non_negative(lam, 'lam')
+    steps = check_positive_int(steps, 'steps')
+    check_choice(mode, 'mode', ('approx', 'exact'))
+    layout = _resolve_layout(layout, x.ndim)
+    channel_dim = layout.index('C')
+    xc = x.movedim(channel_dim, 1)  # canonical (B, C, *spatial); a view
+    if not _is_dense(xc):
+        xc = xc.contiguous()
+    batch, channels, spatial = xc.shape[0], xc.shape[1], tuple(xc.shape[2:])
+
+    if next_layer is not None and not isinstance(next_layer, NextLayer):
+        next_layer = NextLayer(next_layer)
+    if next_layer is not None:
+        next_layer.check_fits(channels, len(spatial))
+        if mode == 'exact' and next_layer.module is None:
+            raise ValueError("mode='exact' needs next_layer as a module (nn.Linear / nn.Conv2d); "
+                             'a bare weight tensor is enough only for ' "mode='approx'")
+
+    if mask is None:
+        if block_size is None:
+            mask = element_mask(xc.shape, prob, device=x.device, generator=generator)
+        else:
+            check_positive_int(block_size, 'block_size')
+            if len(spatial) != 2:
+                raise ValueError(f'block_size needs a feature map with 2 spatial dims (layout NCHW or NHWC), '
+                                 f'got layout {layout!r}')
+            mask = block_mask(batch, 1 if shared_mask else channels, *spatial, prob, block_size,
+                              device=x.device, generator=generator)
+    elif mask.dtype != torch.bool or mask.ndim != xc.ndim or any(
+            m not in (1, s) for m, s in zip(mask.shape, xc.shape)) or mask.shape[0] != batch:
+        raise ValueError(f'mask must be a bool tensor of shape {tuple(xc.shape)} in canonical (B, C, *spatial) '
+                         f'layout (channel dim may be 1), got {mask.dtype} {tuple(mask.shape)}')
+
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        pos = _positions(mask, xc, compute_dtype)
+        # unbiased, as torch.var in the authors' release; a single element has no spread
+        step = gamma * xc.std(correction=1 if xc.numel() > 1 else 0).to(compute_dtype)
+        exact = mode == 'exact' and next_layer is not None
+        feats = pos.features(xc, compute_dtype) if (lam > 0 or exact) else None
+        if exact:
+            sigma = torch.randint(0, 2, (batch,), device=x.device, generator=generator).to(compute_dtype) * 2 - 1
+            g_full = torch.einsum('b,b...->...', sigma, xc.to(compute_dtype))  # sum_i sigma_i f_i
+        values = pos.zeros(compute_dtype)  # f_hat at distorted positions; eps = f is dropout's zero
+        for _ in range(steps):
+            if exact:
+                # G = sum_i sigma_i f_hat_i (Eq. 8 / 18): the full sum, corrected at distorted positions
+                g = g_full + pos.batch_sum(pos.per_sample(sigma) * (values - feats))
+                _, d = rademacher_sup(next_layer, g)
+                direction = pos.per_sample(sigma) * pos.per_position(d) / next_layer.window
+            else:
+                w = approx_channel_weights(next_layer if mode == 'approx' else None, channels,
+                                           device=x.device, dtype=compute_dtype, generator=generator)
+                direction = pos.per_channel(w) * pos.normal(compute_dtype, generator)
+            # eps <- eps - step * (-direction + lam * eps), written for f_hat = f - eps:
+            update = -direction if lam == 0 else lam * (feats - values) - direction
+            values = values + step * update
+    out = pos.combine(xc, values).movedim(1, channel_dim)
+    return out, pos.fraction
+
+
+def feature_map_distortion(
+        x: torch.Tensor,
+        prob: float = 0.1,
+        *,
+        gamma: float = 1.0,
+        lam: float = 0.0,
+        steps: int = 1,
+        mode: str = 'approx',
+        next_layer: NextLayerLike = None,
+        block_size: Optional[int] = None,
+        shared_mask: bool = False,
+        layout: Optional[str] = None,
+        training: bool = True,
+        generator: Optional[torch.Generator] = None,
+        mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Feature map distortion (Eq. 6 / Eq. 17); block FMD when ``block_size`` is given.
+
+    Args:
+        x: feature map, ``(B, C)``, ``(B, N, C)`` tokens or ``(B, C, H, W)`` (see ``layout``).
+        prob: expected fraction of distorted elements, in [0, 1). For block masks the seed rate is
+            solved so that the realised fraction matches ``prob`` at every map and block size.
+        gamma: step length, multiplied by ``std(x)`` (see the module docstring for the exact scaling).
+        lam: weight of the ``||eps||^2`` term of ``T`` (the paper's lambda; 0 in the authors' release).
+        steps: gradient steps on ``eps`` per forward (the paper uses 1).
+        mode: ``'approx'`` (Eq. 15 / 22 with random stand-ins; the authors' release) or ``'exact'``
+            (Eq. 12-14 / 22-24 with the batch's true ``k_hat`` and ``S``).
+        next_layer: the layer consuming the distorted map (module, or a weight tensor for ``'approx'``).
+            ``None`` falls back to the authors' fixed weight 0.01 in both modes.
+        block_size: side of the square blocks (block FMD, 2 spatial dims); ``None`` for element-wise FMD.
+        shared_mask: one block mask for all channels of a sample instead of one per channel.
+        layout: ``'NC'``, ``'NLC'``, ``'NCL'``, ``'NCHW'`` or ``'NHWC'``; default by ``x.ndim``: NC, NLC, NCHW.
+        training: when False, ``x`` is returned unchanged (the same object).
+        generator: random generator for every draw (mask, signs, normals).
+        mask: a precomputed bool distortion mask in canonical ``(B, C or 1, *spatial)`` layout
+            instead of a random one (``prob`` then only gates the identity shortcut).
+
+    Returns:
+        The distorted map, same shape, dtype and memory format as ``x``.
+    """
+    if not training or (prob == 0.0 and mask is None):
+        check_prob(prob)
+        return x
+    out, _ = _distort(x, prob, gamma=gamma, lam=lam, steps=steps, mode=mode, next_layer=next_layer,
+                      block_size=block_size, shared_mask=shared_mask, layout=layout, generator=generator, mask=mask)
+    return out
+
+
+class FeatureMapDistortion(nn.Module):
+    """Element-wise feature map distortion (Eq. 6), with the probability ramp of the paper.
+
+    Args:
+        prob: target distortion probability, reached after ``ramp_steps`` (see :mod:`timm_fmd.schedule`).
+        gamma, lam, steps, mode, layout: see :func:`feature_map_distortion`.
+        next_layer: the layer consuming this module's output. Held as a plain reference, not a
+            submodule, so the model's ``state_dict`` keys do not change. Set later with :meth:`link`.
+        ramp_steps: length of the linear ramp from 0 to ``prob``, in optimiser steps (0: no ramp).
+    """
+
+    block_size: Optional[int] = None
+    shared_mask: bool = False
+
+    def __init__(
+            self,
+            prob: float = 0.1,
+            *,
+            gamma: float = 1.0,
+            lam: float = 0.0,
+            steps: int = 1,
+            mode: str = 'approx',
+            layout: Optional[str] = None,
+            next_layer: NextLayerLike = None,
+            ramp_steps: int = 0,
+    ):
+        super().__init__()
+        self.ramp = LinearRamp(check_prob(prob), ramp_steps)
+        self.gamma = check_non_negative(gamma, 'gamma')
+        self.lam = check_non_negative(lam, 'lam')
+        self.steps = check_positive_int(steps, 'steps')
+        self.mode = check_choice(mode, 'mode', ('approx', 'exact'))
+        self.layout = None if layout is None else check_choice(layout, 'layout', LAYOUTS)
+        self.generator: Optional[torch.Generator] = None
+        self.last_fraction: Union[float, torch.Tensor, None] = None
+        self.link(next_layer)
+
+    @property
+    def prob(self) -> float:
+        """The target probability (the ramp's end)."""
+        return self.ramp.target
+
+    @prob.setter
+    def prob(self, value: float) -> None:
+        self.ramp.target = check_prob(value)
+
+    @property
+    def current_prob(self) -> float:
+        """The probability used by the next training forward."""
+        return self.ramp.value
+
+    def link(self, next_layer: NextLayerLike) -> None:
+        """Set the layer whose weight guides the distortion (``None``: the authors' fixed fallback)."""
+        if isinstance(next_layer, NextLayer):
+            next_layer = next_layer.module if next_layer.module is not None else next_layer.weight
+        if next_layer is not None:
+            NextLayer(next_layer)  # validate now, not at the first training step
+        # object.__setattr__ keeps it out of the module tree: no state_dict keys, no double .to()
+        object.__setattr__(self, 'next_layer', next_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        prob = self.ramp.value
+        if not self.ramp.driven and not torch.compiler.is_compiling():
+            self.ramp.advance()  # nobody drives the schedule (e.g. timm's train.py): one step per forward
+        if prob == 0.0:
+            return x
+        out, fraction = _distort(
+            x, prob, gamma=self.gamma, lam=self.lam, steps=self.steps, mode=self.mode, next_layer=self.next_layer,
+            block_size=self.block_size, shared_mask=self.shared_mask, layout=self.layout, generator=self.generator,
+            mask=None)
+        if not torch.compiler.is_compiling():
+            self.last_fraction = fraction
+        return out
+
+    def realised_fraction(self) -> Optional[float]:
+        """The distorted fraction of the last training forward (reading it may synchronise a device)."""
+        return None if self.last_fraction is None else float(self.last_fraction)
+
+    def _next_repr(self) -> str:
+        nl = self.next_layer
+        if nl is None:
+            return f'none (w={NO_NEXT_LAYER_WEIGHT})'
+        if isinstance(nl, torch.Tensor):
+            return f'weight{tuple(nl.shape)}'
+        return type(nl).__name__
+
+    def extra_repr(self) -> str:
+        parts = [f'prob={self.prob:g}']
+        if self.ramp.steps:
+            parts.append(f'current={self.current_prob:.4g} (ramp {self.ramp.count}/{self.ramp.steps})')
+        realised = self.realised_fraction()
+        if realised is not None:
+            parts.append(f'realised={realised:.4f}')
+        if self.block_size is not None:
+            parts.append(f'block_size={self.block_size}' + (', shared_mask=True' if self.shared_mask else ''))
+        parts += [f'gamma={self.gamma:g}', f'lam={self.lam:g}', f'steps={self.steps}', f'mode={self.mode}',
+                  f'next_layer={self._next_repr()}']
+        if self.layout is not None:
+            parts.append(f'layout={self.layout}')
+        return ', '.join(parts)
+
+
+class BlockFeatureMapDistortion(FeatureMapDistortion):
+    """Block feature map distortion: DropBlock-style square blocks distorted together (paper, Sec. "Extension
+    to Convolutional Layers").
+
+    Args:
+        prob: target expected fraction of distorted elements (the realised fraction, not DropBlock's
+            nominal rate: the seed rate is solved for the map and block size).
+        block_size: side of the square blocks; odd or even; clamped to the map.
+        shared_mask: one mask per sample shared by all channels (DropBlock's original choice)
+            instead of one per channel (the paper's block FMD).
+        **kwargs: as :class:`FeatureMapDistortion`.
+    """
+
+    def __init__(self, prob: float = 0.1, block_size: int = 7, *, shared_mask: bool = False, **kwargs):
+        super().__init__(prob, **kwargs)
+        self.block_size = check_positive_int(block_size, 'block_size')
+        if not isinstance(shared_mask, bool):
+            raise TypeError(f'shared_mask must be a bool, got {shared_mask!r}')
+        self.shared_mask = shared_mask
+
+    def expected_fraction(self, height: int, width: int) -> float:
+        """The expected distorted fraction at the current probability on an ``height x width`` map."""
+        rate = block_seed_rate(self.current_prob, height, width, self.block_size)
+        return expected_block_fraction(rate, height, width, self.block_size)
