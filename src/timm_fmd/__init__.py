@@ -1,4 +1,14 @@
-"""timm-fmd: Feature Map Distortion (Tang et al., AAAI 2020, "Beyond Dropout") for timm."""
+"""timm-fmd: Feature Map Distortion (Tang et al., AAAI 2020, "Beyond Dropout") for timm.
+
+``import timm_fmd`` registers the paper's architectures (``cifar_resnet*``, ``cifar_preresnet*``,
+``paper_cnn``) and an ``fmd_<arch>`` twin of every timm architecture in timm's registry.
+"""
+from .distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion
+from .inject import FMDSettings, apply_fmd, describe, fmd_ops, fmd_settings, reapply_fmd, remove_fmd
+from .models import CifarResNet, PaperCNN  # registers the paper's architectures in timm
+from .registry import base_architecture, register_fmd_models
 from .schedule import current_prob, schedule_step, set_schedule_step, step_schedule
 
 __version__ = '0.1.0'
+
+register_fmd_models()

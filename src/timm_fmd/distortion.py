@@ -113,12 +113,16 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 class _DensePositions:
-    """Distorted positions as a bool mask broadcastable to the map: no synchronisation (GPU, compile)."""
+    """Distorted positions as a 0/1 weight broadcastable to the map: no synchronisation (GPU, compile).
+
+    Arithmetic on a float weight rather than ``torch.where`` on the bool mask: inductor's CPU code
+    generator has no vectorised bool-to-float conversion (torch 2.14), and on a GPU both cost the same.
+    """
 
     def __init__(self, mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
-        self.mask = mask
+        self.weight = mask.view(torch.uint8).to(dtype)
         self.map_shape = xc.shape
-        self.fraction = mask.to(dtype).mean()  # same for a channel-shared mask: every channel shares it
+        self.fraction = self.weight.mean()  # same for a channel-shared mask: every channel shares it
         self.scale = torch.where(self.fraction < 1, 1 / (1 - self.fraction), torch.ones_like(self.fraction))
 
     def per_sample(self, v: torch.Tensor) -> torch.Tensor:
@@ -134,17 +138,17 @@ class _DensePositions:
         return xc.to(dtype)
 
     def zeros(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros((), dtype=dtype, device=self.mask.device)
+        return torch.zeros((), dtype=dtype, device=self.weight.device)
 
     def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
-        return torch.randn(self.map_shape, dtype=dtype, device=self.mask.device, generator=generator)
+        return torch.randn(self.map_shape, dtype=dtype, device=self.weight.device, generator=generator)
 
     def batch_sum(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.mask, v, 0).sum(0)
+        return (v * self.weight).sum(0)
 
     def combine(self, xc: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        scale = self.scale.to(xc.dtype)
-        return torch.where(self.mask, (values * self.scale).to(xc.dtype), xc * scale)
+        keep = ((1 - self.weight) * self.scale).to(xc.dtype)
+        return xc * keep + (values * self.weight * self.scale).to(xc.dtype)
 
 
 class _WriteAt(torch.autograd.Function):

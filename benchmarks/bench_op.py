@@ -1,0 +1,149 @@
+"""Block FMD against timm's DropBlock2d: forward+backward time, memory, realised distortion fraction.
+
+    python benchmarks/bench_op.py                  # the README's table (CPU, or CUDA when available)
+    python benchmarks/bench_op.py --device cuda --repeats 50
+
+Rows are measured side by side in one process: each repetition runs every method once, in turn,
+and the table reports medians, so drifting machine load hits all methods alike. "saved MB" is what
+autograd keeps for the backward pass (counted with saved-tensor hooks); on CUDA the peak allocated
+memory of one forward+backward is reported as well.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropBlock2d
+
+from timm_fmd.distortion import feature_map_distortion
+from timm_fmd.masks import block_seed_rate, expected_block_fraction
+
+SHAPES = [(32, 1024, 14, 14), (32, 2048, 7, 7), (64, 64, 32, 32)]
+
+
+def authors_formula(x: torch.Tensor, prob: float, block_size: int, weight: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The authors' per-channel approx formula as published (Disout), re-implemented for timing:
+    full-size uniform and normal draws, NCHW max-pool dilation, seeds at valid block centres only."""
+    _, _, h, w = x.shape
+    rate = prob * h * w / block_size ** 2 / ((h - block_size + 1) * (w - block_size + 1))
+    valid = torch.zeros(h, w, device=x.device)
+    valid[block_size // 2:h - (block_size - 1) // 2, block_size // 2:w - (block_size - 1) // 2] = 1.0
+    keep = ((1 - valid + (1 - rate) + torch.rand(x.shape, device=x.device)) >= 1).float()
+    keep = -F.max_pool2d(-keep, block_size, 1, block_size // 2)
+    if block_size % 2 == 0:
+        keep = keep[:, :, :-1, :-1]
+    kept = keep.mean()
+    w_max = weight.amax(0, keepdim=True)
+    sign = torch.where(torch.rand(w_max.shape, device=x.device) < 0.5, -1.0, 1.0)
+    w_c = (w_max * sign).mean((2, 3), keepdim=True)
+    dist = gamma * w_c * x.detach().std() * torch.randn(x.shape, device=x.device)
+    return (x * keep + dist * (1 - keep)) / kept
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma: float) -> List[Dict]:
+    torch.manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape, device=device, requires_grad=True)
+    grad = torch.ones(shape, device=device)
+    next_conv = nn.Conv2d(c, c // 4, 3, padding=1).to(device)  # a bottleneck's 3x3: the usual next layer
+    methods: Dict[str, Callable[[], torch.Tensor]] = {}
+    for shared in (True, False):
+        tag = 'shared' if shared else 'per-channel'
+        drop = DropBlock2d(prob, block_size, couple_channels=shared)
+        methods[f'{tag}  timm DropBlock2d'] = lambda d=drop: d(x)
+        for mode in ('approx', 'exact'):
+            methods[f'{tag}  block FMD {mode}'] = lambda s=shared, m=mode: feature_map_distortion(
+                x, prob, block_size=block_size, shared_mask=s, mode=m, next_layer=next_conv, gamma=gamma)
+    methods["per-channel  authors' formula"] = lambda: authors_formula(x, prob, block_size, next_conv.weight, gamma)
+
+    times: Dict[str, List[float]] = {name: [] for name in methods}
+    for rep in range(repeats + 2):  # two warm-up rounds
+        for name, fn in methods.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn().backward(grad)
+            _sync(device)
+            if rep >= 2:
+                times[name].append(time.perf_counter() - t0)
+            x.grad = None
+    rows = []
+    for name, fn in methods.items():
+        peak = None
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn().backward(grad)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        rows.append(dict(shape=shape, method=name, ms=1000 * statistics.median(times[name]),
+                         saved_mb=_saved_bytes(fn) / 2 ** 20, peak_mb=peak))
+    return rows
+
+
+def realised_fraction_table(prob: float, block_size: int, device: torch.device) -> None:
+    print(f'\nRealised distorted fraction at nominal prob {prob}, block {block_size} (64x256 maps, one draw):')
+    print(f"{'map':>6} | {'timm DropBlock2d':>16} | {'authors (valid centres)':>23} | {'timm-fmd':>8} | {'timm-fmd expected':>17}")
+    for size in (7, 14, 28, 56):
+        x = torch.ones(64, 256, size, size, device=device)
+        timm_frac = (DropBlock2d(prob, block_size, couple_channels=False, scale_by_keep=False)(x) == 0).float().mean()
+        w = torch.zeros(1, 256, 1, 1, device=device)  # zero weight: the authors' distortion is exactly zero
+        authors = (authors_formula(x, prob, block_size, w, 1.0) == 0).float().mean()
+        ours = (feature_map_distortion(x, prob, block_size=block_size, gamma=0.0) == 0).float().mean()
+        rate = block_seed_rate(prob, size, size, block_size)
+        print(f'{size:>3}x{size:<2} | {timm_frac:16.3f} | {authors:23.3f} | {ours:8.3f} | '
+              f'{expected_block_fraction(rate, size, size, block_size):17.4f}')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--prob', type=float, default=0.1)
+    parser.add_argument('--block-size', type=int, default=7)
+    parser.add_argument('--gamma', type=float, default=1.0)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_grad_enabled(True)
+    print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} '
+          f'prob={args.prob} block={args.block_size} repeats={args.repeats} (median fwd+bwd)')
+    header = f"{'shape':>18} | {'method':<32} | {'ms':>8} | {'x timm':>7} | {'saved MB':>8}"
+    if device.type == 'cuda':
+        header += f" | {'peak MB':>8}"
+    print(header)
+    for shape in SHAPES:
+        rows = bench_shape(shape, device, args.repeats, args.prob, args.block_size, args.gamma)
+        base = {r['method'].split()[0]: r['ms'] for r in rows if 'DropBlock2d' in r['method']}
+        for r in rows:
+            ratio = r['ms'] / base[r['method'].split()[0]]
+            line = (f"{str(tuple(r['shape'])):>18} | {r['method']:<32} | {r['ms']:8.2f} | {ratio:6.2f}x | "
+                    f"{r['saved_mb']:8.1f}")
+            if r['peak_mb'] is not None:
+                line += f" | {r['peak_mb']:8.1f}"
+            print(line)
+    realised_fraction_table(args.prob, args.block_size, device)
+
+
+if __name__ == '__main__':
+    main()
