@@ -1,0 +1,6 @@
+"""Publishing trained runs to the Hugging Face Hub as timm models, with model cards and FMD settings."""
+from .card import RunRecord, model_card, model_stats, read_run
+from .publish import PublishError, load_fmd_settings, publish, push_to_hub, save_pretrained, validate_repo_id
+
+__all__ = ['RunRecord', 'model_card', 'model_stats', 'read_run', 'PublishError', 'load_fmd_settings', 'publish',
+           'push_to_hub', 'save_pretrained', 'validate_repo_id']

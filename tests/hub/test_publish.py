@@ -1,0 +1,189 @@
+"""Publishing runs: the repo folder, the round trip through the (local) Hub into plain timm, and failures."""
+import json
+import tempfile
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from safetensors.torch import load_file
+
+from timm_fmd.hub import PublishError, load_fmd_settings, publish, push_to_hub, save_pretrained
+from timm_fmd.hub.publish import REPO_FILES
+
+from .conftest import ARCH, FMD, LABELS
+from .hub_server import ORGS
+
+REPO = f'{ORGS[0]}/tiny-fmd'
+FMD_KWARGS = {f'fmd_{k}': tuple(v) if isinstance(v, list) else v for k, v in FMD.items()}
+
+
+def _weights(run_dir: Path, name: str = 'best') -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / 'checkpoints' / f'{name}.safetensors'))
+
+
+def _assert_same_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state_dict = model.state_dict()
+    assert state_dict.keys() == expected.keys()
+    assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob('*'))
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """Route tempfile (where push_to_hub builds the folder) to a directory the test can inspect."""
+    path = tmp_path / 'tmp'
+    path.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(path))
+    return path
+
+
+def test_dry_run_folder_loads_in_plain_timm(make_run, tmp_path):
+    run_dir = make_run()
+    out = Path(publish(run_dir, out_dir=tmp_path / 'out'))
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPO_FILES)
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == ARCH and config['num_classes'] == len(LABELS)
+    assert config['label_names'] == LABELS and config['model_args']['num_classes'] == len(LABELS)
+    assert config['fmd'] == {'model': f'fmd_{ARCH}', 'settings': FMD, 'global_steps': 60}
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32] and config['pretrained_cfg']['std'] == [0.25] * 3
+    assert (out / 'train_config.yaml').read_text() == (run_dir / 'config.yaml').read_text()
+    assert (out / 'results.json').read_text() == (run_dir / 'results.json').read_text()
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    _assert_same_weights(model, _weights(run_dir))
+    assert model.pretrained_cfg['label_names'] == LABELS and model.pretrained_cfg['mean'] == [0.5] * 3
+    assert load_fmd_settings(out) == FMD_KWARGS == load_fmd_settings(f'local-dir:{out}')
+    assert "timm.create_model('local-dir:" in (out / 'README.md').read_text()
+
+
+def test_out_dir_is_replaced_only_when_ours_or_asked(make_run, tmp_path):
+    run_dir = make_run()
+    foreign = tmp_path / 'foreign'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match='not written by save_pretrained'):
+        save_pretrained(run_dir, foreign)
+    assert _listing(foreign) == ['notes.txt']
+    save_pretrained(run_dir, foreign, overwrite=True)
+    assert sorted(p.name for p in foreign.iterdir()) == sorted(REPO_FILES)
+    save_pretrained(run_dir / 'checkpoints' / 'last.safetensors', foreign)  # our own output: replaced
+    _assert_same_weights(timm.create_model(f'local-dir:{foreign}', pretrained=True), _weights(run_dir, 'last'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['foreign', 'runs']  # no staging or backup left
+
+
+def test_failed_save_leaves_nothing(make_run, tmp_path):
+    run_dir = make_run()
+    results = json.loads((run_dir / 'results.json').read_text())
+    (run_dir / 'results.json').write_text(json.dumps({**results, 'num_classes': 7}))
+    with pytest.raises(ValueError, match='does not fit'):
+        save_pretrained(run_dir, tmp_path / 'out')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['runs']
+
+
+def test_round_trip_through_the_hub(hub, make_run):
+    run_dir = make_run()
+    results = json.loads((run_dir / 'results.json').read_text())
+    commit = push_to_hub(run_dir, REPO)
+    assert commit.commit_url == f'{hub.url}/{REPO}/commit/{commit.oid}'
+    assert hub.calls(f'/api/models/{REPO}/commit/main', 'POST') == 1  # one commit
+    assert sorted(huggingface_hub.list_repo_files(REPO)) == sorted(['.gitattributes', *REPO_FILES])
+    # plain timm rebuilds the trained model, in eval mode it computes what the checkpoint computes
+    model = timm.create_model(f'hf-hub:{REPO}', pretrained=True).eval()
+    _assert_same_weights(model, _weights(run_dir))
+    assert model.pretrained_cfg['label_names'] == LABELS
+    # the route a fmd_<arch> twin takes: timm's own config loader, then pretrained_cfg with hf_hub_id
+    pretrained_cfg, architecture, model_args = timm.models.load_model_config_from_hf(REPO)
+    twin_route = timm.create_model(architecture, pretrained=True, pretrained_cfg=pretrained_cfg, **model_args)
+    _assert_same_weights(twin_route, _weights(run_dir))
+    card = ModelCard.load(REPO)
+    assert {r.metric_config: r.metric_value for r in card.data.eval_results} == {
+        'top1': results['best']['val_top1'], 'top5': results['best']['val_top5']}
+    assert load_fmd_settings(f'hf-hub:{REPO}') == FMD_KWARGS == load_fmd_settings(REPO)
+
+
+def test_second_publish_is_a_second_commit_and_the_first_still_loads(hub, make_run):
+    first_run, second_run = make_run('first'), make_run('second', seed=3, fmd={**FMD, 'prob': 0.2})
+    first = push_to_hub(first_run, REPO, commit_message='first run')
+    second = push_to_hub(second_run, REPO)
+    assert first.oid != second.oid
+    assert [c.title for c in huggingface_hub.list_repo_commits(REPO)][:2] == [
+        f'{ARCH} trained with FMD (timm-fmd 0.1.0)', 'first run']
+    _assert_same_weights(timm.create_model(f'hf-hub:{REPO}', pretrained=True), _weights(second_run))
+    _assert_same_weights(timm.create_model(f'hf-hub:{REPO}@{first.oid}', pretrained=True), _weights(first_run))
+    pretrained_cfg, architecture, model_args = timm.models.load_model_config_from_hf(f'{REPO}@{first.oid}')
+    assert pretrained_cfg['hf_hub_id'] == f'{REPO}@{first.oid}'  # the weights are fetched at that revision too
+    twin_route = timm.create_model(architecture, pretrained=True, pretrained_cfg=pretrained_cfg, **model_args)
+    _assert_same_weights(twin_route, _weights(first_run))
+    assert load_fmd_settings(REPO)['fmd_prob'] == 0.2
+    assert load_fmd_settings(REPO, revision=first.oid)['fmd_prob'] == 0.1
+    assert load_fmd_settings(f'hf-hub:{REPO}@{first.oid}')['fmd_prob'] == 0.1
+    with pytest.raises(ValueError, match='contradicts'):
+        load_fmd_settings(f'hf-hub:{REPO}@{first.oid}', revision='main')
+
+
+def test_push_to_a_branch_of_a_private_repo(hub, make_run, monkeypatch):
+    run_dir = make_run(fmd=None)
+    commit = push_to_hub(run_dir, REPO, private=True, revision='v1')
+    refs = {b.name: b.target_commit for b in huggingface_hub.list_repo_refs(REPO).branches}
+    assert refs['v1'] == commit.oid and refs['main'] != commit.oid
+    assert huggingface_hub.model_info(REPO).private
+    _assert_same_weights(timm.create_model(f'hf-hub:{REPO}@v1', pretrained=True), _weights(run_dir))
+    assert load_fmd_settings(REPO, revision='v1') == {}
+    readme = Path(huggingface_hub.hf_hub_download(REPO, 'README.md', revision='v1')).read_text()
+    assert f"timm.create_model('hf-hub:{REPO}@v1', pretrained=True)" in readme
+    monkeypatch.delenv('HF_TOKEN')
+    with pytest.raises(RepositoryNotFoundError):
+        huggingface_hub.model_info(REPO, revision='v1')
+
+
+def test_server_error_on_commit(hub, make_run, private_tmp):
+    run_dir = make_run()
+    before = _listing(run_dir)
+    hub.fail_next('commit', 500)
+    with pytest.raises(PublishError, match=r'HTTP 500: server error') as e:
+        push_to_hub(run_dir, REPO)
+    assert isinstance(e.value.__cause__, HfHubHTTPError) and REPO in str(e.value)
+    assert [c.title for c in huggingface_hub.list_repo_commits(REPO)] == ['initial commit']
+    assert _listing(private_tmp) == [] and _listing(run_dir) == before
+
+
+def test_missing_token(hub, make_run, monkeypatch, private_tmp):
+    monkeypatch.delenv('HF_TOKEN')
+    with pytest.raises(PublishError, match='no Hugging Face token'):
+        push_to_hub(make_run(), REPO)
+    assert hub.log == [] and _listing(private_tmp) == []
+
+
+@pytest.mark.parametrize('token, repo_id, message', [
+    ('hf_wrong', REPO, 'HTTP 401: the token was rejected'),
+    (None, 'someone-else/tiny', 'HTTP 403: the token may not write'),
+])
+def test_refused_by_the_hub(hub, make_run, private_tmp, token, repo_id, message):
+    with pytest.raises(PublishError, match=message):
+        push_to_hub(make_run(), repo_id, token=token)
+    assert _listing(private_tmp) == []
+
+
+def test_hub_unreachable(hub, make_run, private_tmp):
+    hub.stop()
+    with pytest.raises(PublishError, match='ConnectError') as e:
+        push_to_hub(make_run(), REPO)
+    assert hub.url in str(e.value) and _listing(private_tmp) == []
+
+
+@pytest.mark.parametrize('repo_id', ['tiny', 'a/b/c', '/tiny', 'org/', 'org/bad name', 'org/a--b', 7])
+def test_wrong_repo_id(hub, make_run, repo_id):
+    with pytest.raises(ValueError, match='repo_id'):
+        push_to_hub(make_run(), repo_id)
+    assert hub.log == []
+
+
+def test_publish_needs_a_repo_id_or_an_out_dir(make_run):
+    with pytest.raises(ValueError, match='repo_id'):
+        publish(make_run())
