@@ -228,9 +228,28 @@ def feature_stages(model: nn.Module) -> List[str]:
 
 
 def probe_input_size(model: nn.Module) -> Tuple[int, ...]:
-    """The model's default input size from its pretrained cfg, e.g. ``(3, 224, 224)``."""
+    """The input size the model was built for, e.g. ``(3, 224, 224)``.
+
+    From the pretrained cfg, corrected by what the model itself says: ``in_chans`` and ``img_size``
+    keyword arguments change the model but not its pretrained cfg.
+    """
     cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
-    return tuple(cfg.get('input_size', (3, 224, 224)))
+    size = tuple(cfg.get('input_size', (3, 224, 224)))
+    first = cfg.get('first_conv')
+    first = first[0] if isinstance(first, (list, tuple)) else first
+    try:
+        conv = model.get_submodule(first) if first else None
+    except AttributeError:
+        conv = None
+    if not isinstance(conv, nn.Conv2d):
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else size[0]
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)  # fixed-size models (ViT, Swin)
+    if img_size is not None:
+        spatial = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    else:
+        spatial = size[1:]
+    return (channels, *spatial)
 
 
 def _layout(shape: Tuple[int, ...], channels: Optional[int]) -> str:

@@ -29,7 +29,7 @@ from .. import __version__
 from .card import RunRecord, model_card, read_run
 
 __all__ = ['PublishError', 'FMD_KEYS', 'REPO_FILES', 'validate_repo_id', 'build_model', 'save_pretrained',
-           'push_to_hub', 'publish', 'load_fmd_settings']
+           'push_to_hub', 'publish', 'read_config', 'fmd_kwargs', 'load_fmd_settings']
 
 # results.json["fmd"] keys, in the order of the ``fmd_<key>`` arguments of timm_fmd.create_model
 FMD_KEYS = ('prob', 'block_size', 'stages', 'sites', 'gamma', 'lam', 'steps', 'mode', 'shared_mask', 'stage_scale',
@@ -230,7 +230,9 @@ def publish(source: str | os.PathLike, repo_id: str | None = None, *, out_dir: s
                        baseline=baseline, license=license, dataset=dataset).commit_url
 
 
-def _read_config(model: str | os.PathLike, revision: str | None) -> dict[str, Any]:
+def read_config(model: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """config.json of a published model: ``hf-hub:ORG/NAME[@revision]``, ``ORG/NAME[@revision]``,
+    ``local-dir:PATH`` or a folder path. Only config.json is downloaded."""
     name = str(model)
     if name.startswith('local-dir:') or (not name.startswith('hf-hub:') and Path(name).is_dir()):
         if revision is not None:
@@ -244,6 +246,19 @@ def _read_config(model: str | os.PathLike, revision: str | None) -> dict[str, An
     return json.loads(Path(path).read_text())
 
 
+def fmd_kwargs(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ``fmd_*`` keyword arguments recorded in a config.json ({} for a baseline)."""
+    if 'fmd' not in config:
+        raise ValueError(f'config.json of {source!r} has no "fmd" section: it was not published by timm-fmd')
+    if config['fmd'] is None:
+        return {}
+    settings = config['fmd']['settings']
+    unknown = sorted(set(settings) - set(FMD_KEYS))
+    if unknown:
+        raise ValueError(f'config.json of {source!r} has unknown FMD settings {unknown}; known: {list(FMD_KEYS)}')
+    return {f'fmd_{k}': tuple(v) if k in _TUPLE_KEYS and v is not None else v for k, v in settings.items()}
+
+
 def load_fmd_settings(model: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
     """The FMD settings a published model was trained with, as ``fmd_*`` keyword arguments ({} for a baseline).
 
@@ -252,13 +267,4 @@ def load_fmd_settings(model: str | os.PathLike, revision: str | None = None) -> 
             Only config.json is downloaded.
         revision: Branch, tag or commit sha on the Hub (same as ``@revision``).
     """
-    config = _read_config(model, revision)
-    if 'fmd' not in config:
-        raise ValueError(f'config.json of {str(model)!r} has no "fmd" section: it was not published by timm-fmd')
-    if config['fmd'] is None:
-        return {}
-    settings = config['fmd']['settings']
-    unknown = sorted(set(settings) - set(FMD_KEYS))
-    if unknown:
-        raise ValueError(f'config.json of {str(model)!r} has unknown FMD settings {unknown}; known: {list(FMD_KEYS)}')
-    return {f'fmd_{k}': tuple(v) if k in _TUPLE_KEYS and v is not None else v for k, v in settings.items()}
+    return fmd_kwargs(read_config(model, revision), str(model))
