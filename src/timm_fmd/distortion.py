@@ -191,19 +191,18 @@ class _SparsePositions:
             coords = [c.reshape(-1) for c in coords]
         else:
             coords = list(mask.nonzero().unbind(1))
-        self.sample, self.channel, self.spatial = coords[0], coords[1], tuple(coords[2:])
+        self.sample, self.channel = coords[0], coords[1]
+        # flat index into one map (C, *spatial): the positions of D and of the batch sum G
+        self.position = self.channel
+        for d, coord in enumerate(coords[2:]):
+            self.position = self.position * xc.shape[d + 2] + coord
+        self.offsets = self.sample * xc.stride(0) + self.channel * xc.stride(1)  # memory offsets in xc
+        for d, coord in enumerate(coords[2:]):
+            self.offsets += coord * xc.stride(d + 2)
         self.count = self.sample.numel()
         self.fraction = self.count / xc.numel()
         self.scale = 1.0 / (1.0 - self.fraction) if self.fraction < 1.0 else 1.0
         self.device = mask.device
-
-    def offsets(self, t: torch.Tensor) -> torch.Tensor:
-        """Memory offsets of the distorted elements in the dense tensor ``t``."""
-        stride = t.stride()
-        index = self.sample * stride[0] + self.channel * stride[1]
-        for d, coord in enumerate(self.spatial):
-            index += coord * stride[d + 2]
-        return index
 
     def per_sample(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.sample]
@@ -212,10 +211,10 @@ class _SparsePositions:
         return v[self.channel]
 
     def per_position(self, d: torch.Tensor) -> torch.Tensor:
-        return d[(self.channel,) + self.spatial]
+        return d.reshape(-1)[self.position]
 
     def features(self, xc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _flat(xc)[self.offsets(xc)].to(dtype)
+        return _flat(xc)[self.offsets].to(dtype)
 
     def zeros(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((), dtype=dtype, device=self.device)
@@ -224,12 +223,12 @@ class _SparsePositions:
         return torch.randn(self.count, dtype=dtype, device=self.device, generator=generator)
 
     def batch_sum(self, v: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.map_shape[1:], dtype=v.dtype, device=self.device)
-        return out.index_put_((self.channel,) + self.spatial, v.expand(self.count), accumulate=True)
+        out = torch.zeros(self.map_shape[1:].numel(), dtype=v.dtype, device=self.device)
+        return out.index_add_(0, self.position, v.expand(self.count)).reshape(self.map_shape[1:])
 
     def combine(self, xc: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         values = (values * self.scale).to(xc.dtype).expand(self.count)
-        return _WriteAt.apply(xc, self.offsets(xc), values, self.scale)
+        return _WriteAt.apply(xc, self.offsets, values, self.scale)
 
 
 def _positions(mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):

@@ -1,0 +1,118 @@
+"""ResNet-50 SGD train step with block FMD against plain and timm's DropBlock.
+
+    python benchmarks/bench_resnet50.py                 # batch 8, 224x224, CPU (the README's table)
+    python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp
+
+Variants (random init; same data, optimiser and step in one process; the table reports the median
+of interleaved repetitions, so drifting machine load hits every variant alike):
+
+* plain ``resnet50``;
+* timm's ``drop_block_rate=0.1`` (one DropBlock per block in layer3/layer4, timm's placement);
+* ``fmd_resnet50``: block FMD after every conv+norm and every block output in layer3 and layer4
+  (p=0.1, block 7), channel-shared and per-channel masks, approx and exact modes;
+* the authors' per-channel formula (Disout) at the same FMD sites, for scale.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_fmd
+from timm_fmd.distortion import FeatureMapDistortion
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_op import authors_formula  # noqa: E402
+
+
+def authors_variant(model: torch.nn.Module, prob: float, block_size: int) -> None:
+    """Swap every FMD op's forward for the authors' per-channel formula (same sites and next layers)."""
+    def forward(self, x):
+        if not self.training:
+            return x
+        nl = self.next_layer
+        weight = nl.weight if nl is not None and nl.weight.ndim == 4 else torch.zeros(1, x.shape[1], 1, 1)
+        return authors_formula(x, prob, block_size, weight.detach(), self.gamma)
+    for _, op in timm_fmd.fmd_ops(model):
+        op.forward = forward.__get__(op, FeatureMapDistortion)
+
+
+def build(variant: str, prob: float, block_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if variant == 'plain':
+        return timm.create_model('resnet50')
+    if variant == 'timm DropBlock':
+        return timm.create_model('resnet50', drop_block_rate=prob)
+    shared = 'shared' in variant
+    mode = 'exact' if 'exact' in variant else 'approx'
+    model = timm.create_model('fmd_resnet50', fmd_prob=prob, fmd_block_size=block_size, fmd_shared_mask=shared,
+                              fmd_mode=mode, fmd_stages=(-2, -1), fmd_sites=('conv', 'skip'))
+    if variant.startswith('authors'):
+        authors_variant(model, prob, block_size)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--prob', type=float, default=0.1)
+    parser.add_argument('--block-size', type=int, default=7)
+    parser.add_argument('--amp', action='store_true', help='bf16 autocast')
+    parser.add_argument('--channels-last', action='store_true')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    variants = ['plain', 'timm DropBlock', 'FMD shared approx', 'FMD per-channel approx', 'FMD shared exact',
+                'FMD per-channel exact', "authors' formula per-channel"]
+    models = {v: build(v, args.prob, args.block_size).to(device).train() for v in variants}
+    if args.channels_last:
+        models = {v: m.to(memory_format=torch.channels_last) for v, m in models.items()}
+    optims = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
+    for m in models.values():
+        timm_fmd.step_schedule(m, 0)  # drive the schedule: no ramp, the full probability from step 0
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    def step(v: str) -> float:
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = F.cross_entropy(models[v](x), y)
+        loss.backward()
+        optims[v].step()
+        optims[v].zero_grad(set_to_none=True)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times: Dict[str, list] = {v: [] for v in variants}
+    for rep in range(args.repeats + 1):
+        for v in variants:
+            t = step(v)
+            if rep:  # the first round warms up allocators and kernels
+                times[v].append(t)
+    n_sites = len(timm_fmd.fmd_ops(models['FMD shared approx']))
+    print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch_size} '
+          f'img={args.img_size} amp={args.amp} channels_last={args.channels_last} repeats={args.repeats}; '
+          f'FMD sites: {n_sites} (layer3+layer4, conv+skip), p={args.prob}, block {args.block_size}')
+    base = statistics.median(times['plain'])
+    print(f"{'variant':<30} | {'ms/step':>9} | {'x plain':>7}")
+    for v in variants:
+        t = statistics.median(times[v])
+        print(f'{v:<30} | {1000 * t:9.1f} | {t / base:6.2f}x')
+
+
+if __name__ == '__main__':
+    main()
