@@ -123,7 +123,10 @@ def main() -> None:
     parser.add_argument('--prob', type=float, default=0.1)
     parser.add_argument('--block-size', type=int, default=7)
     parser.add_argument('--gamma', type=float, default=1.0)
+    parser.add_argument('--threads', type=int, default=None, help='intra-op CPU threads (default: torch default)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.set_grad_enabled(True)
     print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} '

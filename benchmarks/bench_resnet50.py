@@ -69,7 +69,10 @@ def main() -> None:
     parser.add_argument('--block-size', type=int, default=7)
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--threads', type=int, default=None, help='intra-op CPU threads (default: torch default)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     variants = ['plain', 'timm DropBlock', 'FMD shared approx', 'FMD per-channel approx', 'FMD shared exact',
                 'FMD per-channel exact', "authors' formula per-channel"]

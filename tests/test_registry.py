@@ -104,3 +104,26 @@ def test_export_in_eval_mode_equals_the_base_model():
     x = torch.randn(2, 3, 32, 32)
     exported = torch.export.export(model, (x,))
     assert torch.equal(exported.module()(x), base(x))
+
+
+def test_compiled_op_follows_the_ramp_without_recompiling():
+    from timm_fmd.distortion import BlockFeatureMapDistortion
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    op = BlockFeatureMapDistortion(0.2, 3, gamma=0.0, ramp_steps=4)  # gamma=0: distorted elements become 0
+    timm_fmd.set_schedule_step(op, 0)
+    compiled = torch.compile(op, backend=counting_backend)
+    x = torch.randn(64, 32, 16, 16)
+    fractions = []
+    for step in range(6):
+        fractions.append((compiled(x) == 0).float().mean().item())
+        if step == 0:
+            first_call = len(graphs)
+        timm_fmd.step_schedule(op)
+    assert len(graphs) == first_call  # the rising ramp compiles nothing new
+    # 524,288 elements in blocks of 9: each fraction is within 0.01 of the ramp's value
+    assert fractions == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.2], abs=0.01)

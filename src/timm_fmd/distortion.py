@@ -241,7 +241,7 @@ def _positions(mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
 
 def _distort(
         x: torch.Tensor,
-        prob: float,
+        prob: Union[float, torch.Tensor],
         *,
         gamma: float,
         lam: float,
@@ -254,8 +254,12 @@ def _distort(
         generator: Optional[torch.Generator],
         mask: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]:
-    """:func:`feature_map_distortion` in training mode; also returns the realised distorted fraction."""
-    prob = check_prob(prob)
+    """:func:`feature_map_distortion` in training mode; also returns the realised distorted fraction.
+
+    ``prob`` may be a 0-dim tensor (a module's ``prob_now`` under ``torch.compile``), validated when set.
+    """
+    if not isinstance(prob, torch.Tensor):
+        prob = check_prob(prob)
     gamma = check_non_negative(gamma, 'gamma')
     lam = check_non_negative(lam, 'lam')
     steps = check_positive_int(steps, 'steps')
@@ -394,6 +398,9 @@ class FeatureMapDistortion(nn.Module):
     ):
         super().__init__()
         self.ramp = LinearRamp(check_prob(prob), ramp_steps)
+        # The current probability as a device tensor, for compiled forwards (a Python float would be
+        # baked into the graph and recompile it at every ramp step). Non-persistent: no state_dict key.
+        self.register_buffer('prob_now', torch.tensor(self.ramp.value), persistent=False)
         self.gamma = check_non_negative(gamma, 'gamma')
         self.lam = check_non_negative(lam, 'lam')
         self.steps = check_positive_int(steps, 'steps')
@@ -411,6 +418,11 @@ class FeatureMapDistortion(nn.Module):
     @prob.setter
     def prob(self, value: float) -> None:
         self.ramp.target = check_prob(value)
+        self.sync_ramp()
+
+    def sync_ramp(self) -> None:
+        """Mirror the ramp's current value into ``prob_now`` (called by the schedule functions)."""
+        self.prob_now.fill_(self.ramp.value)
 
     @property
     def current_prob(self) -> float:
@@ -429,11 +441,15 @@ class FeatureMapDistortion(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        prob = self.ramp.value
-        if not self.ramp.driven and not torch.compiler.is_compiling():
-            self.ramp.advance()  # nobody drives the schedule (e.g. timm's train.py): one step per forward
-        if prob == 0.0:
-            return x
+        if torch.compiler.is_compiling():
+            prob = self.prob_now  # read as a tensor: no guard on the ramp, no recompilation as it rises
+        else:
+            prob = self.ramp.value
+            if not self.ramp.driven:  # nobody drives the schedule (e.g. timm's train.py): one step per forward
+                self.ramp.advance()
+                self.sync_ramp()
+            if prob == 0.0:
+                return x
         out, fraction = _distort(
             x, prob, gamma=self.gamma, lam=self.lam, steps=self.steps, mode=self.mode, next_layer=self.next_layer,
             block_size=self.block_size, shared_mask=self.shared_mask, layout=self.layout, generator=self.generator,

@@ -16,7 +16,7 @@ rate ``r``, the expected fraction is ``mean_hw[1 - (1 - r) ** n(h, w)]``, which 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,20 @@ def _fraction(rate: float, rows: Counter, cols: Counter, area: int) -> float:
 _SEED_RATES: dict = {}
 
 
+def block_seed_rate(prob: Union[float, torch.Tensor], height: int, width: int, block_size: int):
+    """Seed rate at valid block positions whose expected distorted fraction is ``prob``.
+
+    A float ``prob`` is solved on the host (bisection, cached); a tensor ``prob`` -- the op's
+    probability under ``torch.compile``, where a Python float would be baked into the graph -- is
+    solved with tensor ops on its device (:func:`_seed_rate_tensor`).
+    """
+    if isinstance(prob, torch.Tensor):
+        return _seed_rate_tensor(prob, height, width, block_size)
+    return _cached_seed_rate(prob, height, width, block_size)
+
+
 @torch.compiler.assume_constant_result  # a host-side constant of the trace, not graph work
-def block_seed_rate(prob: float, height: int, width: int, block_size: int) -> float:
-    """Seed rate at valid block positions whose expected distorted fraction is ``prob`` (cached)."""
+def _cached_seed_rate(prob: float, height: int, width: int, block_size: int) -> float:
     key = (prob, height, width, block_size)
     rate = _SEED_RATES.get(key)
     if rate is None:
@@ -70,6 +81,27 @@ def _solve_seed_rate(prob: float, height: int, width: int, block_size: int) -> f
     return hi
 
 
+def _seed_rate_tensor(prob: torch.Tensor, height: int, width: int, block_size: int, iterations: int = 30):
+    """Newton's method on ``F(r) = 1 - sum_n w_n (1 - r)^n = prob`` in tensor ops (no synchronisation).
+
+    ``F`` is increasing and concave, so Newton's iterates from ``r = 0`` stay below the root and rise to
+    it monotonically.
+    """
+    kh, kw = clamp_block_size(block_size, height, width)
+    rows, cols = _coverage_counts(height, kh), _coverage_counts(width, kw)
+    terms = [(a * b, cr * cc / (height * width)) for a, cr in rows.items() for b, cc in cols.items()]
+    n = torch.tensor([t[0] for t in terms], dtype=torch.float64, device=prob.device)
+    w = torch.tensor([t[1] for t in terms], dtype=torch.float64, device=prob.device)
+    target = prob.to(torch.float64)
+    rate = torch.zeros_like(target)
+    for _ in range(iterations):
+        keep_less_one = (1 - rate) ** (n - 1)
+        f = 1 - (w * keep_less_one * (1 - rate)).sum() - target
+        slope = (w * n * keep_less_one).sum()
+        rate = (rate - f / slope).clamp(0, 1)
+    return rate.to(prob.dtype)
+
+
 def expected_block_fraction(rate: float, height: int, width: int, block_size: int) -> float:
     """The expected distorted fraction of a block mask drawn with seed rate ``rate``."""
     kh, kw = clamp_block_size(block_size, height, width)
@@ -78,7 +110,7 @@ def expected_block_fraction(rate: float, height: int, width: int, block_size: in
 
 def element_mask(
         shape: Sequence[int],
-        prob: float,
+        prob: Union[float, torch.Tensor],
         *,
         device: Optional[torch.device] = None,
         generator: Optional[torch.Generator] = None,
@@ -113,7 +145,7 @@ def block_mask(
         channels: int,
         height: int,
         width: int,
-        prob: float,
+        prob: Union[float, torch.Tensor],
         block_size: int,
         *,
         device: Optional[torch.device] = None,

@@ -12,8 +12,9 @@ Two ways to drive the ramp:
   :func:`set_schedule_step`). The first explicit call switches the module to *driven* mode.
 * **by itself** — until somebody drives it, each training-mode forward of a module advances its
   own ramp by one. This is what makes ``--model fmd_resnet50`` work inside timm's ``train.py``,
-  which knows nothing about FMD. (Under ``torch.compile`` prefer explicit stepping outside the
-  compiled call: a Python counter changed inside a compiled forward forces a graph break.)
+  which knows nothing about FMD. Under ``torch.compile`` drive it explicitly: a compiled forward
+  reads the op's probability from a device tensor that the functions below update in place (no
+  recompilation as the ramp rises), and does not advance the Python counter itself.
 """
 from __future__ import annotations
 
@@ -53,34 +54,38 @@ class LinearRamp:
         self.count = count
 
 
-def _ramps(model: nn.Module) -> Iterator[LinearRamp]:
+def _ramp_modules(model: nn.Module) -> Iterator[nn.Module]:
     # Duck-typed on purpose: this module sits below the op and must not import it.
     for m in model.modules():
-        ramp = getattr(m, 'ramp', None)
-        if isinstance(ramp, LinearRamp):
-            yield ramp
+        if isinstance(getattr(m, 'ramp', None), LinearRamp):
+            yield m
+
+
+def _drive(model: nn.Module, move) -> None:
+    for m in _ramp_modules(model):
+        m.ramp.driven = True
+        move(m.ramp)
+        sync = getattr(m, 'sync_ramp', None)  # the op mirrors its probability into a device tensor
+        if sync is not None:
+            sync()
 
 
 def step_schedule(model: nn.Module, n: int = 1) -> None:
     """Advance the probability ramp of every FMD module in ``model`` by ``n`` optimiser steps."""
-    for ramp in _ramps(model):
-        ramp.driven = True
-        ramp.advance(n)
+    _drive(model, lambda ramp: ramp.advance(n))
 
 
 def set_schedule_step(model: nn.Module, step: int) -> None:
     """Put every ramp in ``model`` at global step ``step`` (used when resuming a run)."""
-    for ramp in _ramps(model):
-        ramp.driven = True
-        ramp.set(step)
+    _drive(model, lambda ramp: ramp.set(step))
 
 
 def schedule_step(model: nn.Module) -> Optional[int]:
     """The ramp position of the first FMD module in ``model``, or ``None`` when it has none."""
-    return next((ramp.count for ramp in _ramps(model)), None)
+    return next((m.ramp.count for m in _ramp_modules(model)), None)
 
 
 def current_prob(model: nn.Module) -> Optional[float]:
     """The largest current (ramped) probability over the FMD modules of ``model``, or ``None``."""
-    values = [ramp.value for ramp in _ramps(model)]
+    values = [m.ramp.value for m in _ramp_modules(model)]
     return max(values) if values else None

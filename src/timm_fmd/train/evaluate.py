@@ -1,0 +1,87 @@
+"""Evaluation: the validation loop of training, and ``timm-fmd eval`` of a saved checkpoint.
+
+Both run the same code on the same inputs, so evaluating ``best.safetensors`` reproduces the
+validation accuracy logged for its epoch.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed as D
+from .checkpoint import load_weights
+from .config import TrainConfig, config_from_dict, load_yaml, merge, validate
+from .data import build_splits, loaders_for_model
+from .model import create_model
+
+__all__ = ['autocast', 'hits', 'evaluate', 'evaluate_checkpoint']
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    """A factory of the run's autocast context (a no-op context without ``--amp``)."""
+    dtype = torch.float16 if cfg.amp_dtype == 'float16' else torch.bfloat16
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=cfg.amp)
+
+
+def hits(output: torch.Tensor, target: torch.Tensor) -> tuple:
+    """Top-1 and top-5 hit counts (top-k = top-(number of classes) when there are fewer than 5)."""
+    top = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+    return top[:, 0].sum(), top.any(dim=1).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, env: D.DistEnv, autocast: Callable[[], Any],
+             channels_last: bool = False) -> Dict[str, float]:
+    """Validation loss, top-1 and top-5 (percent) of ``model`` over ``loader``, summed over ranks."""
+    model.eval()
+    sums, count = torch.zeros(3, dtype=torch.float64, device=env.device), 0
+    for x, y, _ in loader:
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            output = model(x)
+        loss = F.cross_entropy(output.float(), y, reduction='sum')
+        top1, top5 = hits(output, y)
+        sums += torch.stack([loss.double(), top1.double(), top5.double()])
+        count += len(y)
+    loss, top1, top5, n = D.all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), env).tolist()
+    return dict(val_loss=loss / n, val_top1=100.0 * top1 / n, val_top5=100.0 * top5 / n)
+
+
+def evaluate_checkpoint(checkpoint: Union[str, Path], data_dir: Optional[str] = None,
+                        batch_size: Optional[int] = None, workers: Optional[int] = None,
+                        device: Optional[str] = None) -> Dict[str, Any]:
+    """Validate the weights of ``RUN_DIR/checkpoints/<name>.safetensors`` on the run's validation split.
+
+    The model, transforms and split come from ``RUN_DIR/config.yaml``; ``data_dir`` points the same
+    split logic at another copy of the data (or another data set with the same classes).
+    """
+    checkpoint = Path(checkpoint)
+    config_path = checkpoint.parent.parent / 'config.yaml'
+    if not config_path.is_file():
+        raise FileNotFoundError(f'--checkpoint: expected {checkpoint} inside RUN_DIR/checkpoints/ with '
+                                f'{config_path} (the run config rebuilds the model and transforms)')
+    weights, metadata = load_weights(checkpoint)
+    overrides = dict(data_dir=data_dir, validation_batch_size=batch_size, workers=workers, device=device)
+    cfg = validate(merge(config_from_dict(load_yaml(config_path)),
+                         {k: v for k, v in overrides.items() if v is not None}))
+    env = D.setup(cfg.device)
+    try:
+        splits = build_splits(cfg)
+        model = create_model(cfg, len(splits.label_names), steps_per_epoch=0, pretrained=False)
+        model.load_state_dict(weights)
+        loaders = loaders_for_model(cfg, splits, model, env.rank, env.world_size)
+        model.to(env.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        metrics = evaluate(model, loaders.val, env, autocast(cfg, env.device), cfg.channels_last)
+    finally:
+        D.cleanup(env)
+    return dict(metrics, checkpoint=str(checkpoint), epoch=int(metadata['epoch']),
+                val_size=len(splits.val_indices), data=splits.info['name'], val_split=splits.info['val_split'])

@@ -1,0 +1,397 @@
+"""``fit(cfg)``: train and validate a timm model, with or without Feature Map Distortion.
+
+Read top-down: :func:`fit` prepares the run directory, builds everything (:func:`_build`), resumes
+if asked, then runs epochs of :func:`train_one_epoch` and :func:`evaluate`, checkpointing as it
+goes. The FMD probability ramp (Tang et al., Experiments: p rises linearly from 0, following
+DropBlock) is driven by ``timm_fmd.step_schedule`` after every optimiser step and restored with
+``timm_fmd.set_schedule_step`` on resume.
+
+Exact resume: a checkpoint holds the weights, optimiser, scheduler, scaler and EMA, each rank's
+global RNG states and running epoch sums, and the position (epoch, micro-batches consumed, global
+step). Data order and augmentation are functions of ``(seed, epoch, sample)`` (see ``data.py``),
+so skipping the consumed samples reproduces the rest of the epoch bit for bit on the same
+hardware.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import convert_sync_batchnorm
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch.nn.parallel import DistributedDataParallel
+
+import timm_fmd
+from . import distributed as D
+from .checkpoint import (atomic_write, capture_rng, load_checkpoint, restore_rng, save_checkpoint, save_weights,
+                         weights_for_saving)
+from .config import FMD_FIELDS, TrainConfig, save_config, validate
+from .data import Loaders, Splits, build_mixup, build_splits, loaders_for_model, steps_per_epoch
+from .evaluate import autocast, evaluate, hits
+from .model import base_architecture, create_model, is_fmd, pretrained_source
+from .report import MetricsLog, Progress, plot_curves, tensorboard_writer, write_json
+
+__all__ = ['fit', 'train_one_epoch']
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # micro-batches consumed in the current epoch
+    global_step: int = 0  # optimiser steps
+    best: Optional[Dict[str, float]] = None
+    sums: List[float] = field(default_factory=lambda: [0.0] * 4)  # this rank's loss*n, top1, top5 hits, n
+    epoch_train_time: float = 0.0  # seconds of the current epoch's training so far
+    train_time: float = 0.0  # training seconds of finished epochs
+    train_images: int = 0  # images trained on in finished epochs (all ranks)
+    wall_time: float = 0.0  # wall seconds of earlier sessions
+
+
+@dataclass
+class Run:
+    """Everything a run builds once."""
+
+    cfg: TrainConfig
+    env: D.DistEnv
+    run_dir: Path
+    splits: Splits
+    loaders: Loaders
+    model: nn.Module  # the plain model (FMD schedule, checkpoints)
+    train_model: nn.Module  # DDP and/or compiled wrapper used for training steps
+    ema: Optional[ModelEmaV3]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    mixup: Any
+    autocast: Callable[[], Any]
+    steps_per_epoch: int
+    started: float = field(default_factory=time.time)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def fit(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train ``cfg.model`` as configured; write the run directory; return the results dict."""
+    cfg = validate(cfg)
+    env = D.setup(cfg.device)
+    try:
+        run = _build(cfg, env, _run_dir(cfg, env))
+        pos = _resume(run) if cfg.resume else Position()
+        if not cfg.resume:
+            _seed(cfg.seed + env.rank)  # identical init above, then one FMD-mask stream per rank
+        timm_fmd.set_schedule_step(run.model, pos.global_step)  # the trainer drives the ramp from now on
+        metrics = MetricsLog.read(run.run_dir / 'metrics.csv', max_epoch=pos.epoch, write=env.is_main)
+        tb = None
+        if env.is_main:
+            atomic_write(run.run_dir / 'config.yaml', save_config(dataclasses.replace(
+                cfg, output=str(run.run_dir.parent), experiment=run.run_dir.name, resume=None)))
+            tb = tensorboard_writer(run.run_dir)
+        for epoch in range(pos.epoch, cfg.epochs):
+            epoch_start = time.perf_counter() - pos.epoch_train_time
+            row = train_one_epoch(run, pos, epoch)
+            row.update(evaluate(run.eval_model, run.loaders.val, env, run.autocast, cfg.channels_last))
+            D.assert_in_sync(run.model, env)
+            row['epoch_time_s'] = time.perf_counter() - epoch_start
+            metrics.append(row)
+            _end_epoch(run, pos, epoch, row)
+            if env.is_main:
+                plot_curves(metrics.rows, run.run_dir / 'curves.png', title=run.run_dir.name)
+                _log_epoch(tb, row)
+        results = _results(run, pos, metrics.rows)
+        if env.is_main:
+            write_json(run.run_dir / 'results.json', results)
+            if tb is not None:
+                tb.close()
+        return results
+    finally:
+        D.cleanup(env)
+
+
+# ------------------------------------------------------------------------------------------- set-up
+def _run_dir(cfg: TrainConfig, env: D.DistEnv) -> Path:
+    """The run directory: ``--resume``'s, or a new ``<output>/<experiment>`` made by rank 0."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not (run_dir / 'checkpoints' / 'last.state.pt').is_file():
+            raise FileNotFoundError(f'--resume: {run_dir} holds no checkpoints/last.state.pt to resume from')
+        return run_dir
+    outcome = None
+    if env.is_main:
+        parent = Path(cfg.output)
+        name = cfg.experiment or f"{cfg.model.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = parent / name
+        if cfg.experiment and run_dir.exists() and any(run_dir.iterdir()):
+            outcome = ('error', f'--experiment: {run_dir} already exists; pass --resume {run_dir} or another name')
+        else:
+            for i in range(2, 1000):  # default names: never reuse a directory
+                if cfg.experiment or not run_dir.exists():
+                    break
+                run_dir = parent / f'{name}-{i}'
+            (run_dir / 'checkpoints').mkdir(parents=True, exist_ok=True)
+            outcome = ('ok', str(run_dir))
+    status, value = D.broadcast_object(outcome, env)
+    if status == 'error':
+        raise ValueError(value)
+    return Path(value)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
+    _seed(cfg.seed)
+    splits = build_splits(cfg)
+    n_steps = steps_per_epoch(cfg, len(splits.train_indices), env.world_size)
+    model = create_model(cfg, len(splits.label_names), n_steps)
+    if not is_fmd(cfg.model) and env.is_main:
+        print(f'note: {cfg.model} is not an fmd_<arch> model: training without Feature Map Distortion', flush=True)
+    cuda = env.device.type == 'cuda'
+    loaders = loaders_for_model(cfg, splits, model, env.rank, env.world_size, pin_memory=cfg.pin_mem and cuda)
+    if cfg.sync_bn and not env.distributed and env.is_main:
+        print('note: --sync-bn has no effect in a single process', flush=True)
+    if cfg.sync_bn and env.distributed:
+        if not cuda:
+            raise ValueError('--sync-bn: torch SyncBatchNorm needs CUDA devices')
+        model = convert_sync_batchnorm(model)
+        timm_fmd.reapply_fmd(model)  # the conversion drops FMD's forward hooks
+    model.to(env.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cuda:  # fastest conv algorithms; GPU runs are not bit-reproducible anyway (atomics)
+        torch.backends.cudnn.benchmark = True
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, **cfg.opt_kwargs)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+        decay_milestones=cfg.decay_milestones, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=not cfg.sched_on_updates,
+        updates_per_epoch=n_steps)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
+    train_model = model
+    if env.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[env.device] if cuda else None)
+    if cfg.torchcompile:
+        train_model = torch.compile(train_model, backend=cfg.torchcompile)
+    mixup = build_mixup(cfg, len(splits.label_names))
+    if mixup is not None:
+        loss_fn: nn.Module = SoftTargetCrossEntropy()  # Mixup already smoothed the targets
+    elif cfg.smoothing > 0:
+        loss_fn = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    return Run(cfg=cfg, env=env, run_dir=run_dir, splits=splits, loaders=loaders, model=model,
+               train_model=train_model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+               scaler=torch.amp.GradScaler(env.device.type, enabled=cfg.amp and cfg.amp_dtype == 'float16'),
+               loss_fn=loss_fn.to(env.device), mixup=mixup, steps_per_epoch=n_steps,
+               autocast=autocast(cfg, env.device))
+
+
+# ------------------------------------------------------------------------------------ train / eval
+def train_one_epoch(run: Run, pos: Position, epoch: int) -> Dict[str, Any]:
+    """Train from ``pos`` to the end of ``epoch``; return that epoch's training metrics (all ranks)."""
+    cfg, env = run.cfg, run.env
+    accum, total = cfg.grad_accum_steps, run.steps_per_epoch * cfg.grad_accum_steps
+    run.train_model.train()
+    run.loaders.train_sampler.set_epoch(epoch, start=pos.batch * cfg.batch_size)
+    sums = torch.tensor(pos.sums[:3], dtype=torch.float64, device=env.device)  # loss*n, top-1 and top-5 hits
+    count = int(pos.sums[3])
+    progress = Progress(run.steps_per_epoch, f'epoch {epoch + 1}/{cfg.epochs}', enabled=env.is_main)
+    start = time.perf_counter() - pos.epoch_train_time
+    batches = iter(run.loaders.train)
+    for b in range(pos.batch, total):
+        x, y, skipped = next(batches)
+        if skipped:
+            print(f'warning: rank {env.rank} skipped {len(skipped)} unreadable image(s): {skipped}', flush=True)
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = y
+        if run.mixup is not None:
+            x, y = (x[:-1], y[:-1]) if len(x) % 2 else (x, y)  # a skipped image can leave an odd batch
+            x, target = run.mixup(x, y)
+        stepping = (b + 1) % accum == 0
+        sync = run.train_model.no_sync() if env.distributed and not stepping else contextlib.nullcontext()
+        with sync:
+            with run.autocast():
+                output = run.train_model(x)
+                loss = run.loss_fn(output, target)
+            run.scaler.scale(loss / accum).backward()
+        if run.mixup is None:
+            top1, top5 = hits(output.detach(), y)
+            sums += torch.stack([loss.detach().double() * len(y), top1.double(), top5.double()])
+        else:  # accuracy is undefined against mixed targets
+            sums[0] += loss.detach().double() * len(y)
+        count += len(y)
+        if not stepping:
+            continue
+        _optimizer_step(run)
+        pos.global_step, pos.batch = pos.global_step + 1, b + 1
+        timm_fmd.step_schedule(run.model)
+        if run.ema is not None:
+            run.ema.update(run.model, step=pos.global_step)
+        if run.scheduler is not None:
+            run.scheduler.step_update(num_updates=pos.global_step)
+        step = pos.batch // accum
+        if step % cfg.log_interval == 0 or step == run.steps_per_epoch:
+            _report(run, progress, step, sums, count, start, pos)
+        if cfg.checkpoint_interval and pos.global_step % cfg.checkpoint_interval == 0 and b + 1 < total:
+            pos.sums, pos.epoch_train_time = sums.tolist() + [count], time.perf_counter() - start
+            _save(run, pos)
+    progress.close()
+    train_time = time.perf_counter() - start
+    loss, top1, top5, n = D.all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), env).tolist()
+    pos.train_time, pos.train_images = pos.train_time + train_time, pos.train_images + int(n)
+    mixed = run.mixup is not None
+    return dict(epoch=epoch + 1, step=pos.global_step, lr=run.optimizer.param_groups[0]['lr'],
+                fmd_prob=timm_fmd.current_prob(run.model), train_loss=loss / n,
+                train_top1=None if mixed else 100.0 * top1 / n, train_top5=None if mixed else 100.0 * top5 / n,
+                images_per_sec=n / train_time)
+
+
+def _optimizer_step(run: Run) -> None:
+    if run.cfg.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        dispatch_clip_grad(run.model.parameters(), run.cfg.clip_grad, mode=run.cfg.clip_mode)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _report(run: Run, progress: Progress, step: int, sums: torch.Tensor, n: int, start: float,
+            pos: Position) -> None:
+    loss, top1, _ = sums.tolist()  # the only host sync of training, every log_interval steps
+    if not math.isfinite(loss):
+        raise FloatingPointError(f'training loss is {loss} at step {pos.global_step}: lower --lr, set --clip-grad '
+                                 f'or use --amp-dtype bfloat16')
+    stats = dict(step=pos.global_step, loss=f'{loss / n:.4f}', lr=f"{run.optimizer.param_groups[0]['lr']:.3g}",
+                 img_s=f'{n * run.env.world_size / max(time.perf_counter() - start, 1e-9):.0f}')
+    if run.mixup is None:
+        stats['top1'] = f'{100.0 * top1 / n:.2f}'
+    progress.update(step, **stats)
+
+
+# ----------------------------------------------------------------------------- epoch end, checkpoints
+def _better(row: Dict[str, Any], best: Optional[Dict[str, float]], metric: str) -> bool:
+    if best is None:
+        return True
+    key = f'val_{metric}'
+    return row[key] < best[key] if metric == 'loss' else row[key] > best[key]
+
+
+def _end_epoch(run: Run, pos: Position, epoch: int, row: Dict[str, Any]) -> None:
+    """Best weights, schedule step, then the epoch-end checkpoint (metrics row already written)."""
+    if _better(row, pos.best, run.cfg.eval_metric):
+        pos.best = {k: row[k] for k in ('epoch', 'val_top1', 'val_top5', 'val_loss')}
+        if run.env.is_main:
+            save_weights(run.run_dir / 'checkpoints' / 'best.safetensors', weights_for_saving(run.eval_model),
+                         _metadata(run, epoch + 1, pos.global_step))
+    if run.scheduler is not None:
+        run.scheduler.step(epoch + 1, row[f'val_{run.cfg.eval_metric}'])
+    pos.epoch, pos.batch, pos.sums, pos.epoch_train_time = epoch + 1, 0, [0.0] * 4, 0.0
+    _save(run, pos)
+
+
+def _metadata(run: Run, epoch: int, global_step: int) -> Dict[str, str]:
+    return dict(architecture=base_architecture(run.cfg.model, run.model), model=run.cfg.model, epoch=str(epoch),
+                global_step=str(global_step), format='pt')
+
+
+def _save(run: Run, pos: Position) -> None:
+    """Checkpoint ``last``: every rank contributes its RNG and running sums; rank 0 writes."""
+    ranks = D.all_gather_objects(dict(rng=capture_rng(), sums=pos.sums, epoch_train_time=pos.epoch_train_time),
+                                 run.env)
+    if not run.env.is_main:
+        return
+    state = dict(epoch=pos.epoch, batch_in_epoch=pos.batch, global_step=pos.global_step, best=pos.best,
+                 world_size=run.env.world_size, ranks=ranks, optimizer=run.optimizer.state_dict(),
+                 scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+                 scaler=run.scaler.state_dict(), train_time_s=pos.train_time, train_images=pos.train_images,
+                 wall_time_s=pos.wall_time + time.time() - run.started)
+    if run.ema is not None:  # last.safetensors holds the EMA (evaluated) weights; keep the trained ones here
+        state['model'] = weights_for_saving(run.model)
+    save_checkpoint(run.run_dir / 'checkpoints', 'last', weights_for_saving(run.eval_model),
+                    _metadata(run, pos.epoch, pos.global_step), state)
+
+
+def _resume(run: Run) -> Position:
+    weights, _, state = load_checkpoint(run.run_dir / 'checkpoints', 'last')
+    trained = state.get('model', weights)
+    run.model.load_state_dict(trained)
+    if run.ema is not None:
+        run.ema.module.load_state_dict(weights if 'model' in state else trained)
+    run.optimizer.load_state_dict(state['optimizer'])
+    if run.scheduler is not None and state['scheduler'] is not None:
+        run.scheduler.load_state_dict(state['scheduler'])
+    if run.scaler.is_enabled() and state['scaler']:
+        run.scaler.load_state_dict(state['scaler'])
+    pos = Position(epoch=state['epoch'], batch=state['batch_in_epoch'], global_step=state['global_step'],
+                   best=state['best'], train_time=state['train_time_s'], train_images=state['train_images'],
+                   wall_time=state['wall_time_s'])
+    if state['world_size'] == run.env.world_size:
+        mine = state['ranks'][run.env.rank]
+        restore_rng(mine['rng'])
+        pos.sums, pos.epoch_train_time = mine['sums'], mine['epoch_train_time']
+    elif pos.batch:
+        raise ValueError(f'--resume: the checkpoint is mid-epoch from {state["world_size"]} process(es); resume it '
+                         f'with the same number (now {run.env.world_size})')
+    else:  # a new world size at an epoch boundary: fresh per-rank streams, no longer bit-exact
+        _seed(run.cfg.seed + 1000 * pos.epoch + run.env.rank)
+    return pos
+
+
+# ---------------------------------------------------------------------------------------- reporting
+def _log_epoch(tb: Any, row: Dict[str, Any]) -> None:
+    parts = [f"epoch {row['epoch']}"] + [f'{k} {v:.4g}' for k, v in row.items()
+                                        if k not in ('epoch', 'step') and v is not None]
+    print(' '.join(parts), flush=True)
+    if tb is not None:
+        for k, v in row.items():
+            if k not in ('epoch', 'step') and v is not None:
+                tb.add_scalar(k, v, row['epoch'])
+
+
+def _results(run: Run, pos: Position, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    cfg, last = run.cfg, (rows[-1] if rows else {})
+    settings = timm_fmd.fmd_settings(run.model) if is_fmd(cfg.model) else None
+    fmd = None if settings is None else {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()
+        if k in FMD_FIELDS + ('ramp_steps',)}
+    dc = run.loaders.data_config
+    data = dict(run.splits.info, input_size=list(dc['input_size']), mean=list(dc['mean']), std=list(dc['std']),
+                interpolation=dc['interpolation'], crop_pct=dc['crop_pct'])
+    final = {k: last.get(k) for k in ('epoch', 'train_loss', 'train_top1', 'val_loss', 'val_top1', 'val_top5')}
+    gap = None if final['train_top1'] is None or final['val_top1'] is None else final['train_top1'] - final['val_top1']
+    return {
+        'model': cfg.model, 'architecture': base_architecture(cfg.model, run.model),
+        'pretrained': pretrained_source(cfg, run.model), 'num_classes': len(run.splits.label_names),
+        'label_names': run.splits.label_names, 'model_kwargs': cfg.model_kwargs, 'fmd': fmd, 'data': data,
+        'epochs': cfg.epochs, 'global_steps': pos.global_step, 'batch_size': cfg.batch_size,
+        'world_size': run.env.world_size, 'seed': cfg.seed, 'best': pos.best, 'final': final, 'train_val_gap': gap,
+        'evaluated_weights': 'ema' if run.ema is not None else 'model',
+        'param_count': sum(p.numel() for p in run.model.parameters()),
+        'wall_time_s': pos.wall_time + time.time() - run.started,
+        'images_per_sec': pos.train_images / pos.train_time if pos.train_time else None,
+        'checkpoint': 'checkpoints/best.safetensors',
+        'versions': {'torch': torch.__version__, 'timm': timm.__version__, 'timm_fmd': timm_fmd.__version__},
+    }

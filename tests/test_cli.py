@@ -1,0 +1,56 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from timm_fmd import cli
+
+
+def test_commands_and_help(capsys):
+    parser = cli.build_parser()
+    assert {'train', 'eval'} <= set(parser._subparsers._group_actions[0].choices)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(['train', '--help'])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ('--model', '--pretrained', '--data-dir', '--batch-size', '--decay-milestones', '--fmd-prob',
+                   '--fmd-ramp-epochs', '--model-kwargs', '--torchcompile', '--resume', '--skip-corrupt'):
+        assert option in out
+    assert cli.main([]) == 2  # no command: usage
+
+
+def test_a_command_is_one_function(capsys, monkeypatch):
+    monkeypatch.setattr(cli, '_COMMANDS', list(cli._COMMANDS))
+
+    @cli.command('hello', 'say hello', cli.arg('name'), cli.arg('--times', type=int, default=1))
+    def hello(args):
+        print(' '.join(['hello', args.name] * args.times))
+        return 0
+
+    assert cli.main(['hello', 'fmd', '--times', '2']) == 0
+    assert capsys.readouterr().out == 'hello fmd hello fmd\n'
+
+
+def test_user_errors_print_one_line_and_exit_2(capsys, tmp_path):
+    assert cli.main(['train', '--epochs', '0', '--output', str(tmp_path)]) == 2
+    assert capsys.readouterr().err == 'timm-fmd train: error: --epochs: got 0, expected an integer >= 1\n'
+    assert cli.main(['eval', '--checkpoint', str(tmp_path / 'x.safetensors')]) == 2
+    assert 'config.yaml' in capsys.readouterr().err
+
+
+def test_train_and_eval_end_to_end_through_python_m(tmp_path):
+    """``python -m timm_fmd`` (what torchrun runs): train the embedded digits for one short epoch, then
+    evaluate the best checkpoint from the command line."""
+    env_args = dict(capture_output=True, text=True, timeout=180,
+                    env=dict(os.environ, TIMM_FMD_CACHE=str(tmp_path / 'cache'), OMP_NUM_THREADS='1'))
+    train = subprocess.run([sys.executable, '-m', 'timm_fmd', 'train', '--model', 'test_efficientnet',
+                            '--img-size', '16', '--epochs', '1', '-j', '0', '--output', str(tmp_path),
+                            '--experiment', 'digits'], **env_args)
+    assert train.returncode == 0, train.stderr
+    results = json.loads((tmp_path / 'digits' / 'results.json').read_text())
+    evaluated = subprocess.run([sys.executable, '-m', 'timm_fmd', 'eval', '--checkpoint',
+                                str(tmp_path / 'digits' / 'checkpoints' / 'best.safetensors')], **env_args)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)['val_top1'] == results['best']['val_top1']

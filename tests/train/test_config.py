@@ -1,0 +1,135 @@
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from timm_fmd.train.config import (TrainConfig, add_arguments, config_from_args, config_from_dict, fmd_kwargs,
+                                   load_yaml, merge, save_config, validate)
+
+CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
+
+
+def parse(*argv: str) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_defaults_are_valid_and_equal_the_digits_recipe():
+    cfg = validate(TrainConfig())
+    assert cfg.data_dir is None and cfg.model == 'fmd_cifar_resnet20'
+    assert config_from_dict(load_yaml(CONFIGS / 'digits.yaml')) == cfg
+
+
+@pytest.mark.parametrize('path', sorted(CONFIGS.glob('*.yaml')), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = config_from_dict(load_yaml(path))
+    if path.name.endswith('_baseline.yaml'):
+        assert not cfg.model.startswith('fmd_')
+    elif path.name != 'digits.yaml':
+        assert cfg.model.startswith('fmd_') and cfg.data_dir is not None
+
+
+def test_paper_table2_recipe():
+    cfg = config_from_dict(load_yaml(CONFIGS / 'cifar10_resnet56_bfmd.yaml'))
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.momentum) == (200, 128, 0.1, 5e-4, 0.9)
+    assert (cfg.sched, cfg.decay_milestones, cfg.decay_rate) == ('multistep', [60, 120, 160], 0.2)
+    assert (cfg.train_crop_mode, cfg.crop_pad, cfg.hflip, cfg.rotate) == ('pad', 4, 0.5, 15.0)
+    assert (cfg.fmd_block_size, cfg.fmd_gamma, cfg.fmd_stages, cfg.fmd_sites) == (6, 30.0, [-1], ['conv'])
+    assert 0.01 <= cfg.fmd_prob <= 0.1
+    baseline = config_from_dict(load_yaml(CONFIGS / 'cifar10_resnet56_baseline.yaml'))
+    assert baseline.model_kwargs['drop_block_rate'] == 0.05
+    assert dataclasses.replace(baseline, model=cfg.model, model_kwargs={}) == cfg  # only the regulariser differs
+
+
+def test_base_chain_and_override(tmp_path):
+    (tmp_path / 'a.yaml').write_text('epochs: 7\nlr: 0.5\n')
+    (tmp_path / 'b.yaml').write_text('base: a.yaml\nlr: 0.2\n')
+    assert load_yaml(tmp_path / 'b.yaml') == {'epochs': 7, 'lr': 0.2}
+    (tmp_path / 'c.yaml').write_text('base: c.yaml\n')
+    with pytest.raises(ValueError, match='cycle'):
+        load_yaml(tmp_path / 'c.yaml')
+
+
+def test_yaml_errors_name_the_problem(tmp_path):
+    (tmp_path / 'bad.yaml').write_text('epocs: 3\n')
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epocs'\]"):
+        load_yaml(tmp_path / 'bad.yaml')
+    (tmp_path / 'list.yaml').write_text('- 1\n')
+    with pytest.raises(ValueError, match='expected a mapping'):
+        load_yaml(tmp_path / 'list.yaml')
+    with pytest.raises(FileNotFoundError, match='missing.yaml'):
+        load_yaml(tmp_path / 'missing.yaml')
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'epochs': 0}, '--epochs: got 0'),
+    ({'epochs': 2.5}, '--epochs must be an integer'),
+    ({'lr': 'fast'}, '--lr must be a number'),
+    ({'lr': -1}, '--lr: got -1.0'),
+    ({'hflip': 1.5}, '--hflip: got 1.5, expected a probability'),
+    ({'sched': 'linear'}, "--sched: got 'linear', expected one of"),
+    ({'opt': 'nope'}, "--opt: got 'nope'"),
+    ({'amp': 'maybe'}, '--amp must be true or false'),
+    ({'decay_milestones': [100, 50]}, '--decay-milestones'),
+    ({'fmd_prob': 1.0}, '--fmd-prob: got 1.0'),
+    ({'fmd_sites': ['conv', 'fc']}, '--fmd-sites'),
+    ({'fmd_stage_scale': [0.5, 1.0]}, '--fmd-stage-scale'),
+    ({'model_kwargs': {'fmd_prob': 0.1}}, '--model-kwargs'),
+    ({'mixup': 0.2, 'batch_size': 7}, 'even batch size'),
+    ({'model_ema_decay': 1.0}, '--model-ema-decay'),
+])
+def test_validation_errors_name_the_option(overrides, message):
+    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
+        validate(merge(TrainConfig(), overrides))
+
+
+def test_unknown_override():
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['nope'\]"):
+        merge(TrainConfig(), {'nope': 1})
+
+
+def test_save_config_round_trip():
+    cfg = merge(TrainConfig(), {'model_kwargs': {'drop_rate': 0.2}, 'fmd_stage_scale': [0.25], 'pretrained': 'x.pt'})
+    assert config_from_dict(yaml.safe_load(save_config(cfg))) == cfg
+
+
+def test_command_line_overrides_yaml_overrides_defaults(tmp_path):
+    (tmp_path / 'r.yaml').write_text('epochs: 7\nlr: 0.5\nbatch_size: 32\n')
+    cfg = parse('-c', str(tmp_path / 'r.yaml'), '--lr', '1e-3', '-b', '16', '--amp', '--decay-milestones', '3', '9',
+                '--model-kwargs', 'drop_rate=0.25', 'global_pool=max', '--fmd-stages', '-2', '-1', '--pretrained')
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.amp, cfg.decay_milestones) == (7, 1e-3, 16, True, [3, 9])
+    assert cfg.model_kwargs == {'drop_rate': 0.25, 'global_pool': 'max'}
+    assert cfg.fmd_stages == [-2, -1] and cfg.pretrained is True
+    assert parse('--no-sched-on-updates', '--fmd-gamma', 'none').fmd_gamma is None
+    assert parse('--pretrained', 'hf-hub:timm/x').pretrained == 'hf-hub:timm/x'
+    assert parse('--torchcompile').torchcompile == 'inductor'
+    assert parse('--experiment', '007').experiment == '007'  # strings stay strings
+
+
+def test_command_line_errors():
+    with pytest.raises(ValueError, match='--fmd-prob: Feature Map Distortion needs an fmd_<arch> model'):
+        parse('--model', 'resnet18', '--fmd-prob', '0.2')
+    with pytest.raises(ValueError, match='k=v'):
+        parse('--model-kwargs', 'drop_rate')
+    with pytest.raises(SystemExit):
+        parse('--sched', 'linear')  # argparse choices
+
+
+def test_resume_takes_the_run_config(tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'config.yaml').write_text(save_config(merge(TrainConfig(), {'epochs': 3, 'lr': 0.3})))
+    cfg = parse('--resume', str(run), '--epochs', '5')
+    assert (cfg.epochs, cfg.lr, cfg.resume) == (5, 0.3, str(run))
+    with pytest.raises(ValueError, match='--config: not with --resume'):
+        parse('--resume', str(run), '-c', str(run / 'config.yaml'))
+
+
+def test_fmd_kwargs_convert_the_ramp_to_steps():
+    cfg = merge(TrainConfig(), {'fmd_ramp_epochs': 2.5, 'fmd_lam': None, 'fmd_stage_scale': [1.0]})
+    kwargs = fmd_kwargs(cfg, steps_per_epoch=10)
+    assert kwargs == dict(fmd_prob=0.1, fmd_block_size=3, fmd_stages=(-1,), fmd_sites=('conv',), fmd_gamma=30.0,
+                          fmd_stage_scale=(1.0,), fmd_ramp_steps=25)
