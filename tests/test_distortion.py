@@ -370,12 +370,13 @@ def test_extra_repr_shows_settings_and_realised_fraction():
     assert m.expected_fraction(14, 14) == pytest.approx(0.1, abs=1e-6)
 
 
-def test_layouts_agree():
+@pytest.mark.parametrize('shared', [False, True])
+def test_layouts_agree(shared):
     """The same map in NCHW and NHWC memory/logical layouts gives the same distortion."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 9, 9)
     layer = nn.Conv2d(5, 4, 3, padding=1)
-    kw = dict(block_size=3, next_layer=layer, mode='exact', gamma=2.0)
+    kw = dict(block_size=3, next_layer=layer, mode='exact', gamma=2.0, shared_mask=shared)
     a = feature_map_distortion(x, 0.2, generator=torch.Generator().manual_seed(0), **kw)
     b = feature_map_distortion(x.permute(0, 2, 3, 1), 0.2, layout='NHWC',
                                generator=torch.Generator().manual_seed(0), **kw)

@@ -48,11 +48,11 @@ class NextLayer:
     def __init__(self, layer: Union[nn.Module, torch.Tensor]):
         if isinstance(layer, torch.Tensor):
             self.module = None
-            self.weight = layer.detach()
+            self._weight = layer.detach()
             self.groups = 1
         elif isinstance(layer, nn.Module):
             self.module = resolve_next_layer(layer)
-            self.weight = self.module.weight.detach()
+            self._weight = None
             self.groups = getattr(self.module, 'groups', 1)
         else:
             raise TypeError(f'next_layer must be an nn.Module or a weight tensor, got {type(layer).__name__}')
@@ -66,6 +66,11 @@ class NextLayer:
             type(m).forward is nn.Linear.forward
             or (type(m).forward is nn.Conv2d.forward and m.padding_mode == 'zeros' and not isinstance(m.padding, str))
         )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The current weight, read from the module at each use: optimiser steps and ``.to()`` stay visible."""
+        return self._weight if self.module is None else self.module.weight.detach()
 
     @property
     def in_channels(self) -> int:
