@@ -54,3 +54,28 @@ def test_train_and_eval_end_to_end_through_python_m(tmp_path):
                                 str(tmp_path / 'digits' / 'checkpoints' / 'best.safetensors')], **env_args)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)['val_top1'] == results['best']['val_top1']
+
+
+def test_describe_prints_the_site_table(capsys):
+    assert cli.main(['describe', 'resnet18', '--fmd-prob', '0.05', '--fmd-stages', '-1', '--fmd-shared-mask',
+                     '--input-size', '3', '64', '64']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == 'ResNet: 7 FMD sites at input (3, 64, 64), ramp 0/0 steps, gamma=1.0'
+    assert 'layer4.0.drop_block' in lines[3] and '0.05/0.05' in lines[3] and '7 shared' in lines[3]
+    assert cli.main(['describe', 'resnet18', '--input-size', '3', '64', '64']) == 0  # no FMD asked for: off
+    assert capsys.readouterr().out == 'ResNet: no FMD sites (FMD is OFF)\n'
+    assert cli.main(['describe', 'resnet5O']) == 2
+    assert 'did you mean resnet50' in capsys.readouterr().err
+
+
+def test_erc_of_a_saved_run(tmp_path, capsys, monkeypatch):
+    from timm_fmd.train import TrainConfig, fit
+    monkeypatch.setenv('TIMM_FMD_CACHE', str(tmp_path / 'cache'))
+    fit(TrainConfig(model='fmd_cifar_resnet20', epochs=1, workers=0, output=str(tmp_path), experiment='run',
+                    train_subset=256, batch_size=32))
+    checkpoint = str(tmp_path / 'run' / 'checkpoints' / 'best.safetensors')
+    capsys.readouterr()  # the training's own progress lines
+    assert cli.main(['erc', '--checkpoint', checkpoint, '--batches', '2', '--draws', '16']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == 'ERC at batch size 32 (2 batches x 16 draws)'
+    assert out[1].startswith('stages.2.0.conv2') and ' +- ' in out[1]  # the layers after the FMD sites

@@ -94,3 +94,79 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f'timm-fmd {args.command}: error: {e}', file=sys.stderr)
         return 2
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('model', help='timm model name: fmd_<arch>, or any arch with --fmd-* options')
+    parser.add_argument('--num-classes', type=int, help='classifier size (default: the model\'s)')
+    parser.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'),
+                        help='input size the feature shapes are shown at (default: the model\'s)')
+    # the registry's fmd_* keyword arguments (timm_fmd.FMDSettings); unset ones keep their defaults
+    parser.add_argument('--fmd-prob', type=float, help='target distortion probability')
+    parser.add_argument('--fmd-block-size', type=int, help='block size of block FMD; 0 = element-wise')
+    parser.add_argument('--fmd-stages', type=int, nargs='+', help='feature_info stage indices')
+    parser.add_argument('--fmd-sites', nargs='+', choices=('conv', 'skip'), help='site kinds')
+    parser.add_argument('--fmd-gamma', type=float, help='step length gamma')
+    parser.add_argument('--fmd-lam', type=float, help='weight lambda of the ||eps||^2 term')
+    parser.add_argument('--fmd-steps', type=int, help='distortion steps per forward')
+    parser.add_argument('--fmd-mode', choices=('approx', 'exact'), help='distortion solver')
+    parser.add_argument('--fmd-shared-mask', action='store_true', default=None, help='one mask for all channels')
+    parser.add_argument('--fmd-stage-scale', type=float, nargs='+', help='probability multiplier per stage')
+    parser.add_argument('--fmd-ramp-steps', type=int, help='linear ramp length in optimiser steps')
+
+
+@command('describe', 'show every FMD site of a model: module, kind, shape, probability, block, next layer',
+         _add_model_options)
+def describe(args: argparse.Namespace) -> int:
+    from . import create_model, describe as site_table
+    kwargs = {k: v for k, v in vars(args).items() if k.startswith('fmd_') and v is not None}
+    if args.input_size and (kwargs or args.model.startswith('fmd_')):  # probe at that size; FMD stays off otherwise
+        kwargs['fmd_input_size'] = tuple(args.input_size)
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    model = create_model(args.model, **kwargs)
+    print(site_table(model, input_size=tuple(args.input_size) if args.input_size else None))
+    return 0
+
+
+@command('publish', 'publish a run to the Hugging Face Hub as a timm model (--out-dir: write the folder only)',
+         arg('source', help='RUN_DIR or RUN_DIR/checkpoints/<name>.safetensors'),
+         arg('--repo-id', help='ORG/NAME (required unless --out-dir)'),
+         arg('--out-dir', help='dry run: write the repository folder here and push nothing'),
+         arg('--private', action='store_true', help='create the repository private'),
+         arg('--revision', help='branch to commit to (created if missing)'),
+         arg('--commit-message', help='commit message'),
+         arg('--baseline', help='baseline RUN_DIR whose results are shown beside this run\'s in the card'),
+         arg('--license', default='apache-2.0', help='licence of the weights in the card'),
+         arg('--dataset', help='dataset id for the card metadata'),
+         arg('--overwrite', action='store_true', help='replace a non-empty --out-dir'))
+def publish(args: argparse.Namespace) -> int:
+    # The token comes from HF_TOKEN or the login cache only: no --token flag to leak into `ps` output.
+    from .hub import PublishError, publish as publish_run
+    try:
+        print(publish_run(args.source, args.repo_id, out_dir=args.out_dir, private=args.private,
+                          revision=args.revision, commit_message=args.commit_message, baseline=args.baseline,
+                          license=args.license, dataset=args.dataset, overwrite=args.overwrite))
+    except (PublishError, FileExistsError) as e:
+        print(f'timm-fmd publish: error: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+@command('erc', 'estimate the empirical Rademacher complexity of a saved run\'s layers on its validation split',
+         arg('--checkpoint', required=True, help='RUN_DIR/checkpoints/<best|last>.safetensors'),
+         arg('--data-dir', help='the data (default: the data the run was trained on)'),
+         arg('--layers', nargs='+', help='module paths (default: the layers after the FMD sites)'),
+         arg('--batches', type=int, default=8, help='validation batches to average over'),
+         arg('--draws', type=int, default=256, help='Rademacher sign vectors per batch'),
+         arg('-b', '--batch-size', type=int, help='batch size (the ERC scales as 1/batch size)'),
+         arg('--device', help='auto, cpu, cuda or cuda:N (default: the run\'s)'))
+def erc(args: argparse.Namespace) -> int:
+    from .train.rademacher import erc_checkpoint
+    result = erc_checkpoint(args.checkpoint, data_dir=args.data_dir, layers=args.layers, max_batches=args.batches,
+                            draws=args.draws, batch_size=args.batch_size, device=args.device)
+    width = max(len(p) for p in result['erc'])
+    print(f"ERC at batch size {result['batch_size']} ({result['batches']} batches x {result['draws']} draws)")
+    for path, v in result['erc'].items():
+        print(f"{path:<{width}}  {v['mean']:.6g} +- {v['se']:.2g}")
+    return 0

@@ -258,7 +258,7 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
         last = op.realised_fraction()
         rows.append((str(i), str(op.site.stage), op.site.kind, path, 'x'.join(map(str, shape[1:])),
                      f'{op.current_prob:.4g}/{op.prob:.4g}', f'{expected:.4f}', '-' if last is None else f'{last:.4f}',
-                     str(op.block_size) if op.block_size else 'elem' + (' shared' if op.shared_mask else ''),
+                     (str(op.block_size) if op.block_size else 'elem') + (' shared' if op.shared_mask else ''),
                      op.mode, op.site.next_layer or '(none: w=0.01)'))
     widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
     line = lambda r: '  '.join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731

@@ -22,7 +22,7 @@ def test_metrics_csv_header_empty_cells_and_exact_floats(tmp_path):
     log.append(row(2, train_top1=None, train_top5=None, fmd_prob=0.05))
     lines = (tmp_path / 'metrics.csv').read_text().splitlines()
     assert lines[0] == ','.join(METRIC_COLUMNS) == ('epoch,step,lr,fmd_prob,train_loss,train_top1,train_top5,val_loss,'
-                                                    'val_top1,val_top5,images_per_sec,epoch_time_s')
+                                                    'val_top1,val_top5,images_per_sec,epoch_time_s,erc')
     assert lines[1].split(',')[3] == '' and lines[2].split(',')[5:7] == ['', '']
     back = MetricsLog.read(tmp_path / 'metrics.csv')
     assert back.rows == log.rows  # floats survive the text round trip exactly

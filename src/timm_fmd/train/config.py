@@ -51,6 +51,9 @@ class TrainConfig:
                                         'order, else carved from the training split')
     carve_fraction: float = _f(0.1, 'fraction of the training split held out when a validation split is carved')
     carve_seed: int = _f(0, 'seed of the carved validation split (independent of --seed)')
+    train_subset: Optional[int] = _f(None, 'train on a seeded random subset of this many training images (a '
+                                          'small-data regime); none = all of them')
+    subset_seed: int = _f(0, 'seed of --train-subset (independent of --seed)')
     skip_corrupt: bool = _f(False, 'skip unreadable images with a counted warning instead of stopping')
     workers: int = _f(2, 'data loader worker processes per rank', flags=('-j', '--workers'))
     pin_mem: bool = _f(False, 'pin CPU memory of batches (faster host-to-GPU copies)')
@@ -143,6 +146,10 @@ class TrainConfig:
     checkpoint_interval: int = _f(1000, 'also checkpoint every N optimiser steps (0 = epoch ends only)')
     eval_metric: str = _f('top1', 'validation metric choosing the best checkpoint', choices=EVAL_METRICS)
     log_interval: int = _f(50, 'optimiser steps between progress updates')
+    erc_every: int = _f(0, 'every N epochs (and after the last), estimate the empirical Rademacher complexity of the '
+                           'layers after the FMD sites on the validation split (0 = off)')
+    erc_batches: int = _f(4, 'validation batches of each ERC estimate')
+    erc_draws: int = _f(128, 'Rademacher sign vectors per batch of each ERC estimate')
     seed: int = _f(0, 'random seed')
 
 
@@ -284,9 +291,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _check(value in choices, name, value, f'one of {list(choices)}')
     _check(bool(cfg.model), 'model', cfg.model, 'a timm model name')
     _check(cfg.opt.lower() in list_optimizers(), 'opt', cfg.opt, 'a timm optimiser (timm.optim.list_optimizers())')
-    for name in ('epochs', 'batch_size', 'grad_accum_steps', 'recount', 'log_interval'):
+    for name in ('epochs', 'batch_size', 'grad_accum_steps', 'recount', 'log_interval', 'erc_batches'):
         _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), 'an integer >= 1')
-    for name in ('workers', 'checkpoint_interval', 'warmup_epochs', 'crop_pad', 'seed', 'carve_seed'):
+    for name in ('workers', 'checkpoint_interval', 'warmup_epochs', 'crop_pad', 'seed', 'carve_seed', 'subset_seed',
+                 'erc_every'):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), 'an integer >= 0')
     for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob'):
         _check(0.0 <= getattr(cfg, name) <= 1.0, name, getattr(cfg, name), 'a probability in [0, 1]')
@@ -301,6 +309,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.decay_rate > 0, 'decay_rate', cfg.decay_rate, 'a number > 0')
     _check(cfg.decay_milestones == sorted(set(cfg.decay_milestones)) and all(m > 0 for m in cfg.decay_milestones),
            'decay_milestones', cfg.decay_milestones, 'strictly increasing epochs > 0')
+    _check(cfg.erc_draws >= 2, 'erc_draws', cfg.erc_draws, 'an integer >= 2')
+    if cfg.train_subset is not None:
+        _check(cfg.train_subset >= 1, 'train_subset', cfg.train_subset, 'an integer >= 1 or none')
     if cfg.img_size is not None:
         _check(cfg.img_size >= 1, 'img_size', cfg.img_size, 'an integer >= 1 or none')
     if cfg.validation_batch_size is not None:

@@ -166,6 +166,12 @@ def build_splits(cfg: TrainConfig) -> Splits:
             raise ValueError(f'--carve-fraction {cfg.carve_fraction} leaves no training images of {len(train)}')
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         info = dict(name=name, val_split='carved', carve_seed=cfg.carve_seed)
+    if cfg.train_subset is not None:
+        if cfg.train_subset > len(train_idx):
+            raise ValueError(f'--train-subset {cfg.train_subset} exceeds the {len(train_idx)} training images')
+        pick = np.random.default_rng(cfg.subset_seed).permutation(len(train_idx))[:cfg.train_subset]
+        train_idx = np.sort(train_idx[pick])
+        info.update(train_subset=cfg.train_subset, subset_seed=cfg.subset_seed)
     info.update(train_size=len(train_idx), val_size=len(val_idx))
     return Splits(train, train_idx, val, val_idx, label_names, info)
 

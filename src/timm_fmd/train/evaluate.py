@@ -5,9 +5,11 @@ validation accuracy logged for its epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +21,7 @@ from .config import TrainConfig, config_from_dict, load_yaml, merge, validate
 from .data import build_splits, loaders_for_model
 from .model import create_model
 
-__all__ = ['autocast', 'hits', 'evaluate', 'evaluate_checkpoint']
+__all__ = ['autocast', 'hits', 'evaluate', 'LoadedRun', 'load_run', 'evaluate_checkpoint']
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
@@ -54,10 +56,22 @@ def evaluate(model: nn.Module, loader: Any, env: D.DistEnv, autocast: Callable[[
     return dict(val_loss=loss / n, val_top1=100.0 * top1 / n, val_top5=100.0 * top5 / n)
 
 
-def evaluate_checkpoint(checkpoint: Union[str, Path], data_dir: Optional[str] = None,
-                        batch_size: Optional[int] = None, workers: Optional[int] = None,
-                        device: Optional[str] = None) -> Dict[str, Any]:
-    """Validate the weights of ``RUN_DIR/checkpoints/<name>.safetensors`` on the run's validation split.
+@dataclass
+class LoadedRun:
+    """A saved run rebuilt for evaluation: its config, process group, data, model and loaders."""
+
+    cfg: TrainConfig
+    env: D.DistEnv
+    splits: Any
+    model: nn.Module
+    loaders: Any
+    metadata: Dict[str, str]
+
+
+@contextlib.contextmanager
+def load_run(checkpoint: Union[str, Path], data_dir: Optional[str] = None, batch_size: Optional[int] = None,
+             workers: Optional[int] = None, device: Optional[str] = None) -> Iterator[LoadedRun]:
+    """Rebuild the run of ``RUN_DIR/checkpoints/<name>.safetensors`` with those weights loaded.
 
     The model, transforms and split come from ``RUN_DIR/config.yaml``; ``data_dir`` points the same
     split logic at another copy of the data (or another data set with the same classes).
@@ -80,8 +94,19 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], data_dir: Optional[str] = 
         model.to(env.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        metrics = evaluate(model, loaders.val, env, autocast(cfg, env.device), cfg.channels_last)
+        yield LoadedRun(cfg, env, splits, model, loaders, metadata)
     finally:
         D.cleanup(env)
-    return dict(metrics, checkpoint=str(checkpoint), epoch=int(metadata['epoch']),
-                val_size=len(splits.val_indices), data=splits.info['name'], val_split=splits.info['val_split'])
+
+
+def evaluate_checkpoint(checkpoint: Union[str, Path], data_dir: Optional[str] = None,
+                        batch_size: Optional[int] = None, workers: Optional[int] = None,
+                        device: Optional[str] = None) -> Dict[str, Any]:
+    """Validate the weights of ``RUN_DIR/checkpoints/<name>.safetensors`` on the run's validation split
+    (see :func:`load_run`); reproduces the validation accuracy logged for the checkpoint's epoch."""
+    with load_run(checkpoint, data_dir, batch_size, workers, device) as run:
+        metrics = evaluate(run.model, run.loaders.val, run.env, autocast(run.cfg, run.env.device),
+                           run.cfg.channels_last)
+    return dict(metrics, checkpoint=str(checkpoint), epoch=int(run.metadata['epoch']),
+                val_size=len(run.splits.val_indices), data=run.splits.info['name'],
+                val_split=run.splits.info['val_split'])

@@ -42,6 +42,7 @@ from .config import FMD_FIELDS, TrainConfig, save_config, validate
 from .data import Loaders, Splits, build_mixup, build_splits, loaders_for_model, steps_per_epoch
 from .evaluate import autocast, evaluate, hits
 from .model import base_architecture, create_model, is_fmd, pretrained_source
+from .rademacher import erc_layers, layer_erc
 from .report import MetricsLog, Progress, plot_curves, tensorboard_writer, write_json
 
 __all__ = ['fit', 'train_one_epoch']
@@ -57,6 +58,7 @@ class Position:
     best: Optional[Dict[str, float]] = None
     sums: List[float] = field(default_factory=lambda: [0.0] * 4)  # this rank's loss*n, top1, top5 hits, n
     epoch_train_time: float = 0.0  # seconds of the current epoch's training so far
+    erc: Optional[Dict[str, Dict[str, float]]] = None  # the last ERC estimate per layer (--erc-every)
     train_time: float = 0.0  # training seconds of finished epochs
     train_images: int = 0  # images trained on in finished epochs (all ranks)
     wall_time: float = 0.0  # wall seconds of earlier sessions
@@ -108,6 +110,7 @@ def fit(cfg: TrainConfig) -> Dict[str, Any]:
             epoch_start = time.perf_counter() - pos.epoch_train_time
             row = train_one_epoch(run, pos, epoch)
             row.update(evaluate(run.eval_model, run.loaders.val, env, run.autocast, cfg.channels_last))
+            row['erc'] = _erc(run, pos, epoch)
             D.assert_in_sync(run.model, env)
             row['epoch_time_s'] = time.perf_counter() - epoch_start
             metrics.append(row)
@@ -292,6 +295,20 @@ def _report(run: Run, progress: Progress, step: int, sums: torch.Tensor, n: int,
 
 
 # ----------------------------------------------------------------------------- epoch end, checkpoints
+def _erc(run: Run, pos: Position, epoch: int) -> Optional[float]:
+    """Every ``erc_every`` epochs and after the last: the ERC of the layers after the FMD sites (mean
+    over layers, per-layer values kept in ``pos.erc``); ``None`` otherwise. Its own seeded draws leave
+    the training RNG streams, and so exact resume, untouched."""
+    cfg = run.cfg
+    if not cfg.erc_every or ((epoch + 1) % cfg.erc_every and epoch + 1 != cfg.epochs):
+        return None
+    layers = erc_layers(run.eval_model, cfg.fmd_stages or (-1,), cfg.fmd_sites or ('conv',))
+    values = layer_erc(run.eval_model, run.loaders.val, layers, max_batches=cfg.erc_batches, draws=cfg.erc_draws,
+                       seed=cfg.seed * 100_003 + epoch, device=run.env.device)
+    pos.erc = {p: dict(mean=m, se=s) for p, (m, s) in values.items()}
+    return float(sum(m for m, _ in values.values()) / len(values))
+
+
 def _better(row: Dict[str, Any], best: Optional[Dict[str, float]], metric: str) -> bool:
     if best is None:
         return True
@@ -327,7 +344,7 @@ def _save(run: Run, pos: Position) -> None:
                  world_size=run.env.world_size, ranks=ranks, optimizer=run.optimizer.state_dict(),
                  scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
                  scaler=run.scaler.state_dict(), train_time_s=pos.train_time, train_images=pos.train_images,
-                 wall_time_s=pos.wall_time + time.time() - run.started)
+                 wall_time_s=pos.wall_time + time.time() - run.started, erc=pos.erc)
     if run.ema is not None:  # last.safetensors holds the EMA (evaluated) weights; keep the trained ones here
         state['model'] = weights_for_saving(run.model)
     save_checkpoint(run.run_dir / 'checkpoints', 'last', weights_for_saving(run.eval_model),
@@ -347,7 +364,7 @@ def _resume(run: Run) -> Position:
         run.scaler.load_state_dict(state['scaler'])
     pos = Position(epoch=state['epoch'], batch=state['batch_in_epoch'], global_step=state['global_step'],
                    best=state['best'], train_time=state['train_time_s'], train_images=state['train_images'],
-                   wall_time=state['wall_time_s'])
+                   wall_time=state['wall_time_s'], erc=state.get('erc'))
     if state['world_size'] == run.env.world_size:
         mine = state['ranks'][run.env.rank]
         restore_rng(mine['rng'])
@@ -393,5 +410,6 @@ def _results(run: Run, pos: Position, rows: List[Dict[str, Any]]) -> Dict[str, A
         'wall_time_s': pos.wall_time + time.time() - run.started,
         'images_per_sec': pos.train_images / pos.train_time if pos.train_time else None,
         'checkpoint': 'checkpoints/best.safetensors',
+        'erc': None if pos.erc is None else dict(pos.erc, batch_size=cfg.validation_batch_size or cfg.batch_size),
         'versions': {'torch': torch.__version__, 'timm': timm.__version__, 'timm_fmd': timm_fmd.__version__},
     }

@@ -21,7 +21,7 @@ __all__ = ['METRIC_COLUMNS', 'MetricsLog', 'write_json', 'plot_curves', 'plot_co
            'tensorboard_writer']
 
 METRIC_COLUMNS = ('epoch', 'step', 'lr', 'fmd_prob', 'train_loss', 'train_top1', 'train_top5', 'val_loss',
-                  'val_top1', 'val_top5', 'images_per_sec', 'epoch_time_s')
+                  'val_top1', 'val_top5', 'images_per_sec', 'epoch_time_s', 'erc')
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -53,7 +53,7 @@ class MetricsLog:
         if Path(path).is_file():
             with open(path, newline='') as f:
                 for raw in csv.DictReader(f):
-                    row = {k: _parse(raw[k]) for k in METRIC_COLUMNS}
+                    row = {k: _parse(raw.get(k) or '') for k in METRIC_COLUMNS}
                     row['epoch'], row['step'] = int(row['epoch']), int(row['step'])
                     if max_epoch is None or row['epoch'] <= max_epoch:
                         rows.append(row)
