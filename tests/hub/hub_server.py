@@ -35,7 +35,7 @@ import yaml
 
 TOKEN = 'hf_local_test_token'
 USER = 'tester'
-ORGS = ('fmd-org',)
+ORGS = ('fmd-org', 'timm-fmd')  # timm-fmd: the default organisation of the project's published tags
 
 # The LFS rules of the .gitattributes the Hub puts in every new model repo (abridged to the weight formats).
 DEFAULT_GITATTRIBUTES = ''.join(

@@ -182,3 +182,14 @@ def test_state_dict_round_trip(model):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PaperCNN(**kwargs)
+
+
+def test_narrowed_widths():
+    model = timm.create_model('paper_cnn', conv_widths=(32, 64, 128), fc_width=512)
+    assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [32, 64, 128]
+    assert model.fc_stages[0].fc.in_features == 128 * 4 * 4 and model.fc.in_features == 512
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match='conv_widths must be 3 positive ints'):
+        timm.create_model('paper_cnn', conv_widths=(32, 64))
+    with pytest.raises(ValueError, match='fc_width must be a positive int'):
+        timm.create_model('paper_cnn', fc_width=0)

@@ -116,6 +116,15 @@ def _is_our_output(folder: Path) -> bool:
         return False
 
 
+def _readable_by_all(folder: Path) -> None:
+    """Give the folder and its files the modes the umask allows: safetensors' writer creates 0600 files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
 def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: str | None = None,
                     revision: str | None = None, baseline: str | os.PathLike | None = None,
                     license: str = 'apache-2.0', dataset: str | None = None, overwrite: bool = False) -> Path:
@@ -153,6 +162,7 @@ def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, re
     staging.mkdir()
     try:
         _write_repo_folder(run, staging, model_id, license, baseline_run, dataset)
+        _readable_by_all(staging)
         if out_dir.exists():
             previous = out_dir.with_name(f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.old')
             os.replace(out_dir, previous)

@@ -22,6 +22,7 @@ as in FMD's Table 2); ``drop_path_rate`` adds stochastic depth with timm's linea
 ``drop_rate`` is dropout before the classifier. ``feature_info`` lists the three stage containers
 ``stages.0`` .. ``stages.2`` (reductions 1, 2, 4); the stem is not a feature stage.
 """
+import os
 from collections import OrderedDict
 from functools import partial
 from typing import Callable, Dict, List, Optional, Union
@@ -273,9 +274,22 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
+# Checkpoints this project trained and publishes, as pretrained tags: `timm-fmd publish` puts each in the
+# Hub repository <HUB_ORG>/<arch>.<tag>, and model_cards/<arch>.<tag>/ holds that repository's folder
+# (weights, config.json, card with the run's measured numbers). The organisation is a setting:
+# TIMM_FMD_HUB_ORG in the environment when timm_fmd is imported (default 'timm-fmd').
+HUB_ORG = os.environ.get('TIMM_FMD_HUB_ORG', 'timm-fmd')
+PUBLISHED = {
+    'cifar_resnet20.bfmd_digits': dict(
+        label_names=tuple(str(i) for i in range(10)), license='apache-2.0',
+        description='block FMD (p=0.1, block 3, gamma 30) in the last stage, trained 12 epochs on the 8x8 '
+                    'UCI digits upscaled to 32x32 (the embedded default of `timm-fmd train`)'),
+}
+
 default_cfgs = generate_default_cfgs({
-    f'cifar_{kind}{depth}': _cfg()
-    for kind in ('resnet', 'preresnet') for depth in (20, 32, 44, 56, 110)
+    # published tags first: the first tag of an architecture is its default
+    **{name: _cfg(hf_hub_id=f'{HUB_ORG}/{name}', **extra) for name, extra in PUBLISHED.items()},
+    **{f'cifar_{kind}{depth}': _cfg() for kind in ('resnet', 'preresnet') for depth in (20, 32, 44, 56, 110)},
 })
 
 

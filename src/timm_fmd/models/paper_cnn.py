@@ -29,7 +29,7 @@ FMD acts on the two FC layers in the paper, so ``feature_info`` lists them after
 """
 import math
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,8 @@ class PaperCNN(nn.Module):
         img_size: Input side the network is built for; sets fc1's width when ``global_pool=''``.
         global_pool: '' flattens the last conv map (the paper); a timm pooling type pools it.
         drop_rate: Dropout after each FC layer.
+        conv_widths: Filters of the three conv stages (the paper: 96, 128, 256).
+        fc_width: Units of each of the two FC layers (the paper: 2048).
     """
 
     def __init__(
@@ -79,8 +81,15 @@ class PaperCNN(nn.Module):
             img_size: int = 32,
             global_pool: str = '',
             drop_rate: float = 0.,
+            conv_widths: Sequence[int] = CONV_CHANNELS,
+            fc_width: int = FC_WIDTH,
     ) -> None:
         super().__init__()
+        conv_widths = tuple(conv_widths)
+        if len(conv_widths) != len(CONV_CHANNELS) or not all(isinstance(w, int) and w >= 1 for w in conv_widths):
+            raise ValueError(f'conv_widths must be {len(CONV_CHANNELS)} positive ints, got {conv_widths!r}')
+        if not isinstance(fc_width, int) or fc_width < 1:
+            raise ValueError(f'fc_width must be a positive int, got {fc_width!r}')
         if not isinstance(img_size, int) or img_size < 1:
             raise ValueError(f'img_size must be a positive int, got {img_size!r}')
         if not 0. <= drop_rate < 1.:
@@ -89,12 +98,13 @@ class PaperCNN(nn.Module):
         self.drop_rate = drop_rate
         self.img_size = img_size
         # each padded 3x3/2 pool maps a side s to ceil(s / 2)
-        self.grid_size = math.ceil(img_size / 2 ** len(CONV_CHANNELS))
+        self.grid_size = math.ceil(img_size / 2 ** len(conv_widths))
+        self.fc_width = fc_width
 
         stages = []
         self.feature_info = []
         in_chs = in_chans
-        for i, out_chs in enumerate(CONV_CHANNELS):
+        for i, out_chs in enumerate(conv_widths):
             stages.append(_conv_stage(in_chs, out_chs))
             self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** (i + 1), module=f'stages.{i}'))
             in_chs = out_chs
@@ -108,13 +118,13 @@ class PaperCNN(nn.Module):
             in_features *= self.grid_size ** 2
         fc_stages = []
         for i in range(NUM_FC_STAGES):
-            fc_stages.append(_fc_stage(in_features, FC_WIDTH, drop_rate))
+            fc_stages.append(_fc_stage(in_features, fc_width, drop_rate))
             self.feature_info.append(dict(
-                num_chs=FC_WIDTH, reduction=2 ** len(CONV_CHANNELS) * self.grid_size, module=f'fc_stages.{i}'))
-            in_features = FC_WIDTH
+                num_chs=fc_width, reduction=2 ** len(conv_widths) * self.grid_size, module=f'fc_stages.{i}'))
+            in_features = fc_width
         self.fc_stages = nn.Sequential(*fc_stages)
-        self.head_hidden_size = FC_WIDTH
-        self.fc = nn.Linear(FC_WIDTH, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_hidden_size = fc_width
+        self.fc = nn.Linear(fc_width, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
 
     @torch.jit.ignore
@@ -142,7 +152,7 @@ class PaperCNN(nn.Module):
                 f'global_pool cannot change from {self.global_pool.pool_type!r} to {global_pool!r}: '
                 f'it sets the width of fc_stages.0; pass None or {self.global_pool.pool_type!r}')
         self.num_classes = num_classes
-        self.fc = nn.Linear(FC_WIDTH, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(self.fc_width, num_classes) if num_classes > 0 else nn.Identity()
         self.fc.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

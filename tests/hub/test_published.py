@@ -1,0 +1,66 @@
+"""The project's published checkpoints: each pretrained tag has its repository folder in model_cards/,
+resolves through the Hub client, and reproduces the accuracy its card states."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard
+from safetensors.torch import load_file
+
+from timm_fmd.hub.publish import REPO_FILES
+from timm_fmd.models.cifar_resnet import HUB_ORG, PUBLISHED
+
+CARDS = Path(__file__).resolve().parents[2] / 'model_cards'
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_card_folder_holds_the_measured_numbers(name):
+    folder = CARDS / name
+    assert sorted(p.name for p in folder.iterdir()) == sorted(REPO_FILES)
+    results = json.loads((folder / 'results.json').read_text())
+    config = json.loads((folder / 'config.json').read_text())
+    arch, tag = name.split('.')
+    assert config['architecture'] == arch == results['architecture'] and config['fmd'] is not None
+    assert tuple(config['label_names']) == PUBLISHED[name]['label_names']
+    card = ModelCard.load(folder / 'README.md')
+    metrics = {m.metric_type + ':' + (m.metric_config or ''): m.metric_value for m in card.data.eval_results}
+    assert metrics['accuracy:top1'] == results['best']['val_top1']  # best.safetensors is what is published
+    assert f"{results['best']['val_top1']:.2f}" in card.text
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.hf_hub_id == f'{HUB_ORG}/{name}' and cfg.num_classes == config['num_classes']
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_tag_downloads_through_the_hub(hub, name):
+    folder = CARDS / name
+    api = HfApi()
+    api.create_repo(f'{HUB_ORG}/{name}', exist_ok=True)
+    api.upload_folder(repo_id=f'{HUB_ORG}/{name}', folder_path=folder, commit_message='publish')
+    model = timm.create_model(name, pretrained=True)
+    expected = load_file(folder / 'model.safetensors')
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    fmd = timm.create_model('fmd_' + name, pretrained=True)  # the FMD twin carries the same tag
+    assert all(torch.equal(v, expected[k]) for k, v in fmd.state_dict().items())
+
+
+def test_digits_checkpoint_reproduces_its_card(monkeypatch, tmp_path):
+    """Evaluated on the embedded digits' validation split, the published weights give the card's top-1."""
+    from timm_fmd.train import config_from_dict, load_yaml, merge
+    from timm_fmd.train.data import build_splits, loaders_for_model
+    from timm_fmd.train.distributed import cleanup, setup
+    from timm_fmd.train.evaluate import autocast, evaluate
+    monkeypatch.setenv('TIMM_FMD_CACHE', str(tmp_path))
+    folder = CARDS / 'cifar_resnet20.bfmd_digits'
+    cfg = merge(config_from_dict(load_yaml(folder / 'train_config.yaml')), dict(workers=0, device='cpu'))
+    model = timm.create_model('cifar_resnet20', num_classes=10)
+    model.load_state_dict(load_file(folder / 'model.safetensors'))
+    env = setup('cpu')
+    try:
+        loaders = loaders_for_model(cfg, build_splits(cfg), model)
+        metrics = evaluate(model, loaders.val, env, autocast(cfg, env.device))
+    finally:
+        cleanup(env)
+    results = json.loads((folder / 'results.json').read_text())
+    assert metrics['val_top1'] == pytest.approx(results['best']['val_top1'], abs=1e-9)
