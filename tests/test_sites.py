@@ -109,3 +109,13 @@ def test_probe_leaves_the_model_and_rng_untouched():
     assert torch.equal(torch.rand(3), expected)  # global RNG state restored
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_preactivation_resnet_uses_its_slots_after_each_conv():
+    """The empty slot a model put directly on a conv's output wins over the norm after it: in the
+    pre-activation ResNet-56 that is where the FMD authors put their op (after each conv of the last stage)."""
+    sites = find_sites(timm.create_model('cifar_preresnet56'), (-1,), kinds=('conv',))
+    block = {s.path: (s.slot, s.next_layer) for s in sites if s.path.startswith('stages.2.1.')}
+    assert block == {'stages.2.1.drop_block1': (True, 'stages.2.1.conv2'),
+                     'stages.2.1.drop_block2': (True, 'stages.2.2.conv1')}
+    assert [s.path for s in sites if not s.slot] == ['stages.2.0.downsample']  # the projection shortcut's conv

@@ -319,10 +319,22 @@ def _record(model: nn.Module, input_size: Sequence[int]) -> _Recorder:
     return rec
 
 
-def _conv_site(rec: _Recorder, producer: _Call, calls_after: List[_Call]):
-    """(site call, tensor node) for one conv/linear producer: its norm, its activation, or itself."""
+def _is_slot(c: _Call) -> bool:
+    """An empty regulariser slot the model left: an ``nn.Identity`` whose name contains ``drop``."""
+    return isinstance(c.module, nn.Identity) and 'drop' in c.path.rsplit('.', 1)[-1]
+
+
+def _conv_site(rec: _Recorder, producer: _Call, calls_after: List[_Call]) -> _Call:
+    """The site call of one conv/linear producer: its norm, its activation, or itself.
+
+    Itself also when the model put an empty slot directly on the conv's output (the pre-activation
+    ResNet's ``drop_block1``, where the FMD authors put their op): the model's own choice wins.
+    """
     chain = rec.view_chain(producer.output)
-    consumer = next((c for c in calls_after if c.input in chain and not isinstance(c.module, nn.Identity)), None)
+    consumers = [c for c in calls_after if c.input in chain]
+    if consumers and _is_slot(consumers[0]):
+        return producer
+    consumer = next((c for c in consumers if not isinstance(c.module, nn.Identity)), None)
     if consumer is not None and (_is_norm(consumer.module) or _is_act(consumer.module)):
         return consumer
     return producer
@@ -331,7 +343,7 @@ def _conv_site(rec: _Recorder, producer: _Call, calls_after: List[_Call]):
 def _slot_for(site: _Call, calls: List[_Call]) -> Optional[_Call]:
     """An empty ``drop`` slot right at the site: inside a fused norm-act, or called on the site's output."""
     for c in calls:
-        if isinstance(c.module, nn.Identity) and 'drop' in c.path.rsplit('.', 1)[-1]:
+        if _is_slot(c):
             fused = _is_norm(site.module) and c.path.startswith(site.path + '.')
             if fused or c.input == site.output:
                 return c
