@@ -187,3 +187,41 @@ def test_wrong_repo_id(hub, make_run, repo_id):
 def test_publish_needs_a_repo_id_or_an_out_dir(make_run):
     with pytest.raises(ValueError, match='repo_id'):
         publish(make_run())
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory) -> Path:
+    """A real (tiny) training run: FMD ResNet-20 on 96 embedded digits, one epoch."""
+    from timm_fmd.train import TrainConfig, fit
+    out = tmp_path_factory.mktemp('trained')
+    mp = pytest.MonkeyPatch()
+    mp.setenv('TIMM_FMD_CACHE', str(out / 'cache'))
+    try:
+        fit(TrainConfig(epochs=1, train_subset=96, batch_size=32, workers=0, output=str(out), experiment='run',
+                        fmd_ramp_epochs=1.0))
+    finally:
+        mp.undo()
+    return out / 'run'
+
+
+def test_trained_run_round_trip_restores_fmd(hub, trained_run, tmp_path):
+    """Train, publish, load back: plain timm gets the weights, timm_fmd.create_model also the FMD settings
+    and the ramp where training left it; the same from the dry-run folder through local-dir:."""
+    import timm_fmd
+    results = json.loads((trained_run / 'results.json').read_text())
+    repo = f'{ORGS[0]}/digits-fmd'
+    first = push_to_hub(trained_run, repo)
+    plain = timm.create_model(f'hf-hub:{repo}', pretrained=True)
+    _assert_same_weights(plain, _weights(trained_run))
+    assert timm_fmd.fmd_ops(plain) == []  # plain timm: inference only, no FMD
+    for name in (f'hf-hub:{repo}', f'hf-hub:{repo}@{first.oid}',
+                 f'local-dir:{save_pretrained(trained_run, tmp_path / "folder")}'):
+        model = timm_fmd.create_model(name, pretrained=True)
+        _assert_same_weights(model, _weights(trained_run))
+        settings = timm_fmd.fmd_settings(model)
+        assert (settings.prob, settings.block_size, list(settings.stages), settings.gamma) == \
+            (results['fmd']['prob'], results['fmd']['block_size'], results['fmd']['stages'], results['fmd']['gamma'])
+        assert timm_fmd.schedule_step(model) == results['global_steps']
+        assert timm_fmd.current_prob(model) == pytest.approx(results['fmd']['prob'])  # the ramp had finished
+    overridden = timm_fmd.create_model(f'hf-hub:{repo}', pretrained=True, fmd_prob=0.05)
+    assert timm_fmd.fmd_settings(overridden).prob == 0.05
