@@ -36,7 +36,8 @@ the paper's step (Eq. 16) ``eps <- eps - gamma_p * dT/deps`` with
 ``gamma_p = gamma * std(f) * N`` and ``lambda_p = lam``). Absorbing ``N * P`` keeps gamma independent
 of batch and map size; dividing by ``|w|`` makes ``D / |w|`` the kernel-window *mean* that the
 authors' release uses. ``std(f)`` is the standard deviation of the whole batch's feature map
-(paper, Experiments: "we multiply gamma by the standard deviation of the feature maps").
+(paper, Experiments: "we multiply gamma by the standard deviation of the feature maps"); above
+2^18 elements it is estimated from an evenly strided subset of that many (see :func:`_feature_std`).
 
 ``eps`` is a constant for the weights' backward pass -- the paper alternates one ``eps`` step and one
 weight step -- so gradients reach ``f`` through the kept elements only. The output is divided by
