@@ -66,10 +66,12 @@ def test_registered_params_and_shapes(name):
 
 def test_list_models():
     assert sorted(timm.list_models('cifar_*')) == sorted(NAMES)
-    assert set(timm.list_models('cifar_*', pretrained=True)).isdisjoint(NAMES)  # no weights yet
+    # only the checkpoints this project trained have weights (their tags: timm_fmd.models.cifar_resnet.PUBLISHED)
+    assert set(timm.list_models('cifar_*', pretrained=True)) == {
+        'cifar_resnet20', 'cifar_resnet20.bfmd_cifar10', 'cifar_resnet20.bfmd_digits'}
 
 
-@pytest.mark.parametrize('name', ['cifar_resnet20', 'cifar_preresnet20'])
+@pytest.mark.parametrize('name', ['cifar_resnet32', 'cifar_preresnet20'])
 def test_pretrained_cfg(name):
     cfg = _create(name).pretrained_cfg
     assert cfg['input_size'] == (3, 32, 32)
@@ -87,7 +89,7 @@ def test_pretrained_cfg(name):
 
 def test_pretrained_true_fails_without_weights():
     with pytest.raises(RuntimeError, match='No pretrained weights'):
-        timm.create_model('cifar_resnet20', pretrained=True)
+        timm.create_model('cifar_resnet32', pretrained=True)
 
 
 @pytest.mark.parametrize('name', ['cifar_resnet20', 'cifar_preresnet20'])
