@@ -274,6 +274,12 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
+DEPTHS = (20, 32, 44, 56, 110)
+_DOCS = {'resnet': 'ResNet-{depth} for CIFAR, post-activation (He et al. 2016)',
+         'preresnet': 'Pre-activation ResNet-{depth} for CIFAR (He et al., ECCV 2016; the depth-56 one is the '
+                      'network of FMD\'s Table 2)'}
+
+
 # Checkpoints this project trained and publishes, as pretrained tags: `timm-fmd publish` puts each in the
 # Hub repository <HUB_ORG>/<arch>.<tag>, and model_cards/<arch>.<tag>/ holds that repository's folder
 # (weights, config.json, card with the run's measured numbers). The organisation is a setting:
@@ -294,65 +300,22 @@ PUBLISHED = {
 default_cfgs = generate_default_cfgs({
     # published tags first: the first tag of an architecture is its default
     **{name: _cfg(hf_hub_id=f'{HUB_ORG}/{name}', **extra) for name, extra in PUBLISHED.items()},
-    **{f'cifar_{kind}{depth}': _cfg() for kind in ('resnet', 'preresnet') for depth in (20, 32, 44, 56, 110)},
+    **{f'cifar_{kind}{depth}': _cfg() for kind in _DOCS for depth in DEPTHS},
 })
 
 
-@register_model
-def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-20 for CIFAR, post-activation (He et al. 2016): 0.27M parameters."""
-    return _create_cifar_resnet('cifar_resnet20', pretrained, **dict(depth=20, **kwargs))
+def _register(kind: str, depth: int) -> None:
+    """Register ``cifar_<kind><depth>`` as a timm entrypoint of this module."""
+    name = f'cifar_{kind}{depth}'
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> CifarResNet:
+        return _create_cifar_resnet(name, pretrained, depth=depth, preact=kind == 'preresnet', **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = _DOCS[kind].format(depth=depth) + '.'
+    globals()[name] = register_model(entrypoint)
 
 
-@register_model
-def cifar_resnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-32 for CIFAR, post-activation (He et al. 2016): 0.47M parameters."""
-    return _create_cifar_resnet('cifar_resnet32', pretrained, **dict(depth=32, **kwargs))
-
-
-@register_model
-def cifar_resnet44(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-44 for CIFAR, post-activation (He et al. 2016): 0.66M parameters."""
-    return _create_cifar_resnet('cifar_resnet44', pretrained, **dict(depth=44, **kwargs))
-
-
-@register_model
-def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-56 for CIFAR, post-activation (He et al. 2016): 0.86M parameters."""
-    return _create_cifar_resnet('cifar_resnet56', pretrained, **dict(depth=56, **kwargs))
-
-
-@register_model
-def cifar_resnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-110 for CIFAR, post-activation (He et al. 2016): 1.73M parameters."""
-    return _create_cifar_resnet('cifar_resnet110', pretrained, **dict(depth=110, **kwargs))
-
-
-@register_model
-def cifar_preresnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """Pre-activation ResNet-20 for CIFAR (He et al., ECCV 2016): 0.27M parameters."""
-    return _create_cifar_resnet('cifar_preresnet20', pretrained, **dict(depth=20, preact=True, **kwargs))
-
-
-@register_model
-def cifar_preresnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """Pre-activation ResNet-32 for CIFAR (He et al., ECCV 2016): 0.47M parameters."""
-    return _create_cifar_resnet('cifar_preresnet32', pretrained, **dict(depth=32, preact=True, **kwargs))
-
-
-@register_model
-def cifar_preresnet44(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """Pre-activation ResNet-44 for CIFAR (He et al., ECCV 2016): 0.66M parameters."""
-    return _create_cifar_resnet('cifar_preresnet44', pretrained, **dict(depth=44, preact=True, **kwargs))
-
-
-@register_model
-def cifar_preresnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """Pre-activation ResNet-56 for CIFAR (He et al., ECCV 2016), FMD's Table 2 network: 0.86M parameters."""
-    return _create_cifar_resnet('cifar_preresnet56', pretrained, **dict(depth=56, preact=True, **kwargs))
-
-
-@register_model
-def cifar_preresnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """Pre-activation ResNet-110 for CIFAR (He et al., ECCV 2016): 1.73M parameters."""
-    return _create_cifar_resnet('cifar_preresnet110', pretrained, **dict(depth=110, preact=True, **kwargs))
+for _kind in _DOCS:
+    for _depth in DEPTHS:
+        _register(_kind, _depth)
