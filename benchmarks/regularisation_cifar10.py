@@ -66,10 +66,14 @@ def run_all(data_dir: str, output: Path, models: List[str]) -> None:
         for method, settings in METHODS[model].items():
             for seed in SEEDS:
                 name = run_name(model, method, seed)
-                if (output / name / 'results.json').is_file():
+                run_dir = output / name
+                if (run_dir / 'results.json').is_file():
                     continue  # finished earlier
-                print(f'=== {name}', flush=True)
-                fit(TrainConfig(**dict(settings, data_dir=data_dir, seed=seed, output=str(output), experiment=name)))
+                # An interrupted run continues from its last epoch (the trainer's resume is exact).
+                resume = str(run_dir) if (run_dir / 'checkpoints' / 'last.state.pt').is_file() else None
+                print(f'=== {name}' + (' (resumed)' if resume else ''), flush=True)
+                fit(TrainConfig(**dict(settings, data_dir=data_dir, seed=seed, output=str(output), experiment=name,
+                                       resume=resume)))
 
 
 def _mean_std(values: List[float]) -> str:

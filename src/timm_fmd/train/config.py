@@ -195,20 +195,15 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ('true', 'false', 'yes', 'no', '1', '0'):
             return value.lower() in ('true', 'yes', '1')
         raise ValueError(f'{_opt(name)} must be true or false, got {value!r}')
-    if tp is int:
-        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError(f'{_opt(name)} must be an integer, got {value!r}')
+    if tp in (int, float):
+        noun = 'an integer' if tp is int else 'a number'
+        # bool is an int subclass and 2.5 would silently truncate: both are refused, not coerced
+        if isinstance(value, bool) or tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f'{_opt(name)} must be {noun}, got {value!r}')
         try:
-            return int(value)
+            return tp(value)
         except (TypeError, ValueError):
-            raise ValueError(f'{_opt(name)} must be an integer, got {value!r}') from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f'{_opt(name)} must be a number, got {value!r}')
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f'{_opt(name)} must be a number, got {value!r}') from None
+            raise ValueError(f'{_opt(name)} must be {noun}, got {value!r}') from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f'{_opt(name)} must be a string, got {value!r}')
