@@ -3,14 +3,18 @@
     python benchmarks/regularisation_cifar10.py --data-dir ../shared/data/cifar10-jpg/train.tar \
         --output runs/regularisation --report docs
 
-Two small-data regimes that overfit within minutes on 2 CPU cores (the README's table):
+Small-data regimes that finish within minutes a run on 2 CPU cores (the README's table):
 
 * ``cnn``: the paper's Table 1 CNN narrowed to 32/64/128 filters and two 512-unit FC layers, a
   10,000-image training subset, no augmentation, 8 epochs; FMD element-wise on the two FC layers
   (prob 0.5, gamma 5, as in the paper), dropout 0.5 on the same layers as its baseline;
-* ``resnet20``: CIFAR ResNet-20 on a 5,000-image subset with crop, flip and rotation, 8 epochs;
-  block FMD after the convs of the last stage (block 3 on its 8x8 maps, prob 0.1, gamma 30, as the
-  paper's ResNet-56 setting), timm's DropBlock (rate 0.1, block 3) in the same stage as its baseline.
+* ``resnet20``: CIFAR ResNet-20 on a 5,000-image subset without augmentation, 8 epochs; block FMD
+  after the convs of the last stage (block 3 on its 8x8 maps, prob 0.1, gamma 30, as the paper's
+  ResNet-56 setting), timm's DropBlock (rate 0.1, block 3) in the same stage as its baseline;
+* ``resnet20_aug``: the same with crop, flip and rotation, a regime that does not overfit in 8 epochs.
+
+``cnn`` and ``resnet20`` (the overfitting regimes) take about 75 minutes together; ``resnet20_aug``
+adds about 40 (``--models`` picks).
 
 Every method runs with seeds 0, 1, 2 (the seed changes the initialisation, the data order and the
 masks; the training subset is the same). Test accuracy is on all 10,000 CIFAR-10 test images. The
@@ -21,12 +25,13 @@ so an interrupted benchmark resumes where it stopped. The result is reported as 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
 from typing import Dict, List
 
-from timm_fmd.train import TrainConfig, fit, plot_comparison
+from timm_fmd.train import TrainConfig, config_from_dict, fit, load_yaml, plot_comparison
 
 SEEDS = (0, 1, 2)
 COMMON = dict(batch_size=128, validation_batch_size=256, workers=2, opt='momentum', momentum=0.9,
@@ -34,31 +39,46 @@ COMMON = dict(batch_size=128, validation_batch_size=256, workers=2, opt='momentu
               erc_draws=128, log_interval=1000, checkpoint_interval=0, img_size=32, crop_pct=1.0)
 CNN = dict(COMMON, train_subset=10_000, no_aug=True, lr=0.02, fmd_stages=[-2, -1], fmd_sites=['conv'],
            model_kwargs={'conv_widths': [32, 64, 128], 'fc_width': 512})
-RESNET = dict(COMMON, train_subset=5_000, lr=0.1, train_crop_mode='pad', crop_pad=4, hflip=0.5, rotate=15.0,
-              fmd_stages=[-1], fmd_sites=['conv'])
+CNN_FMD = dict(CNN, model='fmd_paper_cnn', fmd_prob=0.5, fmd_gamma=5.0, fmd_block_size=0, fmd_ramp_epochs=1.0)
+RESNET = dict(COMMON, train_subset=5_000, no_aug=True, lr=0.1, fmd_stages=[-1], fmd_sites=['conv'])
+RESNET_AUG = dict(RESNET, no_aug=False, train_crop_mode='pad', crop_pad=4, hflip=0.5, rotate=15.0)
+
+
+def _resnet_methods(regime: Dict) -> Dict[str, Dict]:
+    """None, timm's DropBlock and block FMD (approx, exact) in the last stage of a CIFAR ResNet-20."""
+    fmd = dict(regime, model='fmd_cifar_resnet20', fmd_prob=0.1, fmd_gamma=30.0, fmd_block_size=3, fmd_ramp_epochs=1.0)
+    return {
+        'none': dict(regime, model='cifar_resnet20'),
+        'DropBlock': dict(regime, model='cifar_resnet20', model_kwargs={'drop_block_rate': 0.1, 'drop_block_size': 3}),
+        'block FMD approx': dict(fmd, fmd_mode='approx'),
+        'block FMD exact': dict(fmd, fmd_mode='exact'),
+    }
+
+
 METHODS: Dict[str, Dict[str, Dict]] = {
     'cnn': {
         'none': dict(CNN, model='paper_cnn'),
         'dropout': dict(CNN, model='paper_cnn', model_kwargs=dict(CNN['model_kwargs'], drop_rate=0.5)),
-        'FMD approx': dict(CNN, model='fmd_paper_cnn', fmd_prob=0.5, fmd_gamma=5.0, fmd_block_size=0,
-                           fmd_mode='approx', fmd_ramp_epochs=1.0),
-        'FMD exact': dict(CNN, model='fmd_paper_cnn', fmd_prob=0.5, fmd_gamma=5.0, fmd_block_size=0,
-                          fmd_mode='exact', fmd_ramp_epochs=1.0),
+        'FMD approx': dict(CNN_FMD, fmd_mode='approx'),
+        'FMD exact': dict(CNN_FMD, fmd_mode='exact'),
     },
-    'resnet20': {
-        'none': dict(RESNET, model='cifar_resnet20'),
-        'DropBlock': dict(RESNET, model='cifar_resnet20', model_kwargs={'drop_block_rate': 0.1,
-                                                                          'drop_block_size': 3}),
-        'block FMD approx': dict(RESNET, model='fmd_cifar_resnet20', fmd_prob=0.1, fmd_gamma=30.0, fmd_block_size=3,
-                                 fmd_mode='approx', fmd_ramp_epochs=1.0),
-        'block FMD exact': dict(RESNET, model='fmd_cifar_resnet20', fmd_prob=0.1, fmd_gamma=30.0, fmd_block_size=3,
-                                fmd_mode='exact', fmd_ramp_epochs=1.0),
-    },
+    'resnet20': _resnet_methods(RESNET),
+    'resnet20_aug': _resnet_methods(RESNET_AUG),
 }
 
 
 def run_name(model: str, method: str, seed: int) -> str:
     return f"{model}-{method.replace(' ', '_').lower()}-s{seed}"
+
+
+# Settings that name where a run lives or how it is fed, not what it trains: a reused run may differ in them.
+_PLACE = {'data_dir', 'output', 'experiment', 'resume', 'workers'}
+
+
+def _stale_settings(run_dir: Path, wanted: TrainConfig) -> List[str]:
+    """The settings in which an earlier run in ``run_dir`` differs from ``wanted`` (it is not reused then)."""
+    done = dataclasses.asdict(config_from_dict(load_yaml(run_dir / 'config.yaml')))
+    return [k for k, v in dataclasses.asdict(wanted).items() if k not in _PLACE and done[k] != v]
 
 
 def run_all(data_dir: str, output: Path, models: List[str]) -> None:
@@ -67,13 +87,18 @@ def run_all(data_dir: str, output: Path, models: List[str]) -> None:
             for seed in SEEDS:
                 name = run_name(model, method, seed)
                 run_dir = output / name
+                cfg = TrainConfig(**dict(settings, data_dir=data_dir, seed=seed, output=str(output), experiment=name))
+                if (run_dir / 'config.yaml').is_file():
+                    stale = _stale_settings(run_dir, cfg)
+                    if stale:
+                        raise SystemExit(f'{run_dir} was trained with other settings ({", ".join(stale)}); '
+                                         'move it away or pass another --output')
                 if (run_dir / 'results.json').is_file():
                     continue  # finished earlier
                 # An interrupted run continues from its last epoch (the trainer's resume is exact).
                 resume = str(run_dir) if (run_dir / 'checkpoints' / 'last.state.pt').is_file() else None
                 print(f'=== {name}' + (' (resumed)' if resume else ''), flush=True)
-                fit(TrainConfig(**dict(settings, data_dir=data_dir, seed=seed, output=str(output), experiment=name,
-                                       resume=resume)))
+                fit(dataclasses.replace(cfg, resume=resume))
 
 
 def _mean_std(values: List[float]) -> str:
