@@ -486,6 +486,9 @@ def test_torch_compile_forward_backward():
     (dict(next_layer=nn.ReLU()), TypeError, r'next_layer must be an nn.Linear, an nn.Conv2d or a module'),
     (dict(next_layer=torch.randn(8, 4, 3, 3), mode='exact'), ValueError, r"mode='exact' needs next_layer as a module"),
     (dict(mask=torch.zeros(2, 4, 3, 3, dtype=torch.bool)), ValueError, r'mask must be a bool tensor of shape'),
+    # only the channel dim may be 1: a (B, C, 1, 1) mask would mean other positions on CPU and on GPU
+    (dict(mask=torch.ones(2, 4, 1, 1, dtype=torch.bool)), ValueError, r'mask must be a bool tensor of shape'),
+    (dict(mask=torch.ones(1, 4, 8, 8, dtype=torch.bool)), ValueError, r'mask must be a bool tensor of shape'),
 ])
 def test_bad_input_is_named(kwargs, exc, match):
     x = torch.randn(2, 4, 8, 8)

@@ -145,6 +145,10 @@ def test_describe_shows_every_site():
     model.train()(torch.randn(4, 3, 64, 64))
     assert describe(model).splitlines()[3].split()[7] != '-'  # the 'last' column now has a measured value
     assert describe(timm.create_model('resnet18')) == 'ResNet: no FMD sites (FMD is OFF)'
+    # a wrapper (DistributedDataParallel, an EMA holder) is described through the model it wraps
+    wrapped = describe(nn.ModuleDict({'module': model}))
+    assert wrapped.splitlines()[0].startswith('ModuleDict: 14 FMD sites at input (3, 64, 64)')
+    assert 'module.layer3.0.drop_block' in wrapped and 'gamma=1.0' in wrapped
 
 
 def test_apply_reports_missing_sites():

@@ -47,13 +47,13 @@ the realised kept fraction, distorted elements included, as in the authors' rele
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .erc import rademacher_sup
-from .masks import block_mask, block_seed_rate, clamp_block_size, element_mask, expected_block_fraction
+from .masks import block_mask, block_seed_rate, element_mask, expected_block_fraction
 from .next_layer import NextLayer
 from .schedule import LinearRamp
 from .validation import check_choice, check_non_negative, check_positive_int, check_prob
@@ -199,24 +199,47 @@ class _WriteAt(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-class _SparsePositions:
+def _flat_index(coords: Sequence[torch.Tensor], sizes: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Row-major index of ``coords`` in an array of ``sizes`` (zeros shaped ``like`` for no coordinates)."""
+    index = torch.zeros_like(like)
+    for coord, size in zip(coords, sizes):
+        index = index * size + coord
+    return index
+
+
+def _memory_offsets(coords: Sequence[torch.Tensor], strides: Sequence[int]) -> torch.Tensor:
+    return sum(coord * stride for coord, stride in zip(coords, strides))
+
+
+class _GatheredPositions:
+    """What the CPU representations share: distorted elements gathered at memory ``offsets`` in ``xc``."""
+
+    offsets: torch.Tensor
+    device: torch.device
+
+    def _set_fraction(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.scale = 1.0 / (1.0 - fraction) if fraction < 1.0 else 1.0
+
+    def features(self, xc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _flat(xc)[self.offsets].to(dtype)
+
+    def zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype, device=self.device)
+
+
+class _SparsePositions(_GatheredPositions):
     """Distorted positions as coordinates: draws and writes touch only the distorted elements (CPU)."""
 
     def __init__(self, mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
-        self.map_shape = xc.shape
-        coords = list(mask.nonzero().unbind(1))
+        self.map_shape, self.device = xc.shape, mask.device
+        coords = mask.nonzero().unbind(1)
         self.sample, self.channel = coords[0], coords[1]
         # flat index into one map (C, *spatial): the positions of D and of the batch sum G
-        self.position = self.channel
-        for d, coord in enumerate(coords[2:]):
-            self.position = self.position * xc.shape[d + 2] + coord
-        self.offsets = self.sample * xc.stride(0) + self.channel * xc.stride(1)  # memory offsets in xc
-        for d, coord in enumerate(coords[2:]):
-            self.offsets += coord * xc.stride(d + 2)
+        self.position = _flat_index(coords[1:], xc.shape[1:], self.sample)
+        self.offsets = _memory_offsets(coords, xc.stride())
         self.count = self.sample.numel()
-        self.fraction = self.count / xc.numel()
-        self.scale = 1.0 / (1.0 - self.fraction) if self.fraction < 1.0 else 1.0
-        self.device = mask.device
+        self._set_fraction(self.count / xc.numel())
 
     def per_sample(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.sample]
@@ -226,12 +249,6 @@ class _SparsePositions:
 
     def per_position(self, d: torch.Tensor) -> torch.Tensor:
         return d.reshape(-1)[self.position]
-
-    def features(self, xc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _flat(xc)[self.offsets].to(dtype)
-
-    def zeros(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros((), dtype=dtype, device=self.device)
 
     def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
         return torch.randn(self.count, dtype=dtype, device=self.device, generator=generator)
@@ -245,7 +262,7 @@ class _SparsePositions:
         return _WriteAt.apply(xc, self.offsets, values, self.scale)
 
 
-class _SharedPositions:
+class _SharedPositions(_GatheredPositions):
     """Distorted positions of a channel-shared mask: every channel at ``n`` positions, an ``(n, C)`` grid.
 
     Per-channel quantities broadcast along the grid instead of being gathered, and the rescaling
@@ -253,22 +270,17 @@ class _SharedPositions:
     """
 
     def __init__(self, mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
-        self.map_shape = xc.shape
-        channels, area = xc.shape[1], xc.shape[2:].numel()
+        self.map_shape, self.device = xc.shape, mask.device
+        self.area = xc.shape[2:].numel()
         coords = mask[:, 0].nonzero().unbind(1)  # (sample, *spatial) of each distorted position
         self.sample = coords[0]
-        self.position = torch.zeros_like(self.sample)  # flat spatial index
-        offsets = self.sample * xc.stride(0)
-        for d, coord in enumerate(coords[1:]):
-            self.position = self.position * xc.shape[d + 2] + coord
-            offsets = offsets + coord * xc.stride(d + 2)
-        chan = torch.arange(channels, device=mask.device)
+        self.position = _flat_index(coords[1:], xc.shape[2:], self.sample)  # flat spatial index
+        offsets = _memory_offsets(coords, (xc.stride(0),) + xc.stride()[2:])
+        chan = torch.arange(xc.shape[1], device=mask.device)
         self.offsets = offsets[:, None] + chan[None, :] * xc.stride(1)  # (n, C) memory offsets in xc
         self.count = self.offsets.numel()
-        self.fraction = self.sample.numel() / (mask.numel() or 1)
-        self.scale = 1.0 / (1.0 - self.fraction) if self.fraction < 1.0 else 1.0
+        self._set_fraction(self.sample.numel() / (mask.numel() or 1))
         self.keep = (~mask).to(xc.dtype) * self.scale
-        self.area, self.device = area, mask.device
 
     def per_sample(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.sample][:, None]
@@ -278,12 +290,6 @@ class _SharedPositions:
 
     def per_position(self, d: torch.Tensor) -> torch.Tensor:
         return d.reshape(d.shape[0], self.area)[:, self.position].t()
-
-    def features(self, xc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _flat(xc)[self.offsets].to(dtype)
-
-    def zeros(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros((), dtype=dtype, device=self.device)
 
     def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
         return torch.randn(self.offsets.shape, dtype=dtype, device=self.device, generator=generator)
@@ -358,8 +364,8 @@ def _distort(
                                  f'got layout {layout!r}')
             mask = block_mask(batch, 1 if shared_mask else channels, *spatial, prob, block_size,
                               device=x.device, generator=generator)
-    elif mask.dtype != torch.bool or mask.ndim != xc.ndim or any(
-            m not in (1, s) for m, s in zip(mask.shape, xc.shape)) or mask.shape[0] != batch:
+    elif (mask.dtype != torch.bool or mask.ndim != xc.ndim or mask.shape[0] != batch
+          or mask.shape[1] not in (1, channels) or tuple(mask.shape[2:]) != spatial):
         raise ValueError(f'mask must be a bool tensor of shape {tuple(xc.shape)} in canonical (B, C, *spatial) '
                          f'layout (channel dim may be 1), got {mask.dtype} {tuple(mask.shape)}')
 
@@ -428,7 +434,7 @@ def feature_map_distortion(
         training: when False, ``x`` is returned unchanged (the same object).
         generator: random generator for every draw (mask, signs, normals).
         mask: a precomputed bool distortion mask in canonical ``(B, C or 1, *spatial)`` layout
-            instead of a random one (``prob`` then only gates the identity shortcut).
+            instead of a random one (``prob`` is then only range-checked: the mask decides).
 
     Returns:
         The distorted map, same shape, dtype and memory format as ``x``.

@@ -8,8 +8,8 @@ per site, linked to the layer that consumes the site's output:
 * elsewhere, the op becomes a child named ``fmd`` of the site module and a forward hook applies it
   to that module's output (out of place: timm's in-place adds and activations act on a new tensor).
 
-Neither adds a parameter or buffer, so ``state_dict`` keys and shapes stay those of the base
-architecture, and eval-mode outputs are the base model's bit for bit (the op returns its input).
+Neither adds a parameter or a persistent buffer (each op's ``prob_now`` buffer is non-persistent),
+so ``state_dict`` keys and shapes stay those of the base architecture, and eval-mode outputs are the base model's bit for bit (the op returns its input).
 Converting BatchNorm layers to SyncBatchNorm (timm's or torch's ``convert_sync_batchnorm``) keeps
 children but drops hooks; a forward pre-hook on the model re-installs them, with a warning, at
 the next training forward, and :func:`reapply_fmd` does it at once.
@@ -210,8 +210,9 @@ def _make_op(settings: FMDSettings, site: Site, prob: float) -> FeatureMapDistor
 def reapply_fmd(model: nn.Module) -> int:
     """Re-install the forward hooks of hook-based sites where they are missing; returns how many."""
     repaired = 0
-    for _, host in model.named_modules():
-        if isinstance(getattr(host, 'fmd', None), FeatureMapDistortion):
+    # runs before every training forward: modules() and a dict lookup, not names and getattr's miss path
+    for host in model.modules():
+        if isinstance(host._modules.get('fmd'), FeatureMapDistortion):
             if not any(isinstance(h, _SiteHook) for h in host._forward_hooks.values()):
                 host.register_forward_hook(_SiteHook())
                 repaired += 1
@@ -244,8 +245,11 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
     if not ops:
         return f'{type(model).__name__}: no FMD sites (FMD is OFF)'
     shapes = _site_shapes(model, ops, input_size) if input_size is not None else {p: op.site.shape for p, op in ops}
-    settings = fmd_settings(model)
-    size = tuple(input_size) if input_size is not None else (settings.input_size or probe_input_size(model))
+    # the model FMD was applied to: ``model`` itself or one it wraps (DistributedDataParallel, EMA)
+    holder = next((m for m in model.modules() if fmd_settings(m) is not None), model)
+    settings = fmd_settings(holder)
+    size = tuple(input_size) if input_size is not None else (
+        (settings.input_size if settings else None) or probe_input_size(holder))
     header = ('site', 'stage', 'kind', 'module', 'shape', 'prob now/target', 'expected', 'last', 'block', 'mode',
               'next layer')
     rows = []

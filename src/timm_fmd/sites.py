@@ -52,7 +52,7 @@ class Site:
         kind: ``'conv'`` or ``'skip'``.
         stage: the feature_info index of the stage holding the site (non-negative).
         shape: the feature shape at the probe input, batch included (batch 1).
-        layout: ``'NCHW'``, ``'NHWC'``, ``'NLC'`` or ``'NC'``.
+        layout: ``'NCHW'``, ``'NHWC'``, ``'NLC'``, ``'NCL'`` or ``'NC'``.
         next_layer: module path of the layer consuming the site's output, or ``None``.
         slot: True when ``path`` is an existing empty slot the op replaces.
     """

@@ -353,10 +353,10 @@ def _save(run: Run, pos: Position) -> None:
 
 def _resume(run: Run) -> Position:
     weights, _, state = load_checkpoint(run.run_dir / 'checkpoints', 'last')
-    trained = state.get('model', weights)
-    run.model.load_state_dict(trained)
+    # with EMA the weights file holds the EMA weights and the state file the trained ones
+    run.model.load_state_dict(state.get('model', weights))
     if run.ema is not None:
-        run.ema.module.load_state_dict(weights if 'model' in state else trained)
+        run.ema.module.load_state_dict(weights)
     run.optimizer.load_state_dict(state['optimizer'])
     if run.scheduler is not None and state['scheduler'] is not None:
         run.scheduler.load_state_dict(state['scheduler'])
