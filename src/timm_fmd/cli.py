@@ -69,16 +69,18 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-@command('eval', 'evaluate a saved checkpoint on its run\'s validation split',
+@command('eval', 'evaluate a saved checkpoint on its run\'s validation (or training) split',
          arg('--checkpoint', required=True, help='RUN_DIR/checkpoints/<best|last>.safetensors'),
          arg('--data-dir', help='the data (default: the data the run was trained on)'),
          arg('-b', '--batch-size', type=int, help='batch size (default: the run\'s validation batch size)'),
          arg('-j', '--workers', type=int, help='data loader workers (default: the run\'s)'),
-         arg('--device', help='auto, cpu, cuda or cuda:N (default: the run\'s)'))
+         arg('--device', help='auto, cpu, cuda or cuda:N (default: the run\'s)'),
+         arg('--split', choices=('val', 'train'), default='val',
+             help='val (default), or the run\'s training samples without augmentation (how well it fits them)'))
 def evaluate(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
     results = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size,
-                                  workers=args.workers, device=args.device)
+                                  workers=args.workers, device=args.device, split=args.split)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -88,6 +88,21 @@ def test_eval_reproduces_the_logged_validation(fmd_run):
     assert evaluated['epoch'] == best['epoch'] and evaluated['val_size'] == 12
 
 
+def test_eval_on_the_training_samples(fmd_run, tiny_data, tmp_path):
+    _, _, run_dir = fmd_run
+    checkpoint = run_dir / 'checkpoints' / 'last.safetensors'
+    on_train = evaluate_checkpoint(checkpoint, split='train')
+    assert on_train['train_size'] == 48 and 'val_top1' not in on_train
+    # reference: the same training images offered as the validation split of another data folder
+    (tmp_path / 'train').symlink_to(tiny_data / 'train')
+    (tmp_path / 'val').symlink_to(tiny_data / 'train')
+    as_val = evaluate_checkpoint(checkpoint, data_dir=str(tmp_path))
+    assert as_val['val_size'] == 48
+    assert (on_train['train_top1'], on_train['train_loss']) == (as_val['val_top1'], as_val['val_loss'])
+    with pytest.raises(ValueError, match=r"split must be one of \('val', 'train'\), got 'test'"):
+        evaluate_checkpoint(checkpoint, split='test')
+
+
 def test_resume_continues_exactly(fmd_run, tiny_data, tmp_path):
     cfg, results, run_dir = fmd_run
     fit(quick_config(tiny_data, tmp_path, model='fmd_test_efficientnet', epochs=1, fmd_prob=0.2, fmd_ramp_epochs=1.5,

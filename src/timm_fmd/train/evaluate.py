@@ -6,6 +6,7 @@ validation accuracy logged for its epoch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..validation import check_choice
 from . import distributed as D
 from .checkpoint import load_weights
 from .config import TrainConfig, config_from_dict, load_yaml, merge, validate
@@ -70,12 +72,15 @@ class LoadedRun:
 
 @contextlib.contextmanager
 def load_run(checkpoint: Union[str, Path], data_dir: Optional[str] = None, batch_size: Optional[int] = None,
-             workers: Optional[int] = None, device: Optional[str] = None) -> Iterator[LoadedRun]:
+             workers: Optional[int] = None, device: Optional[str] = None, split: str = 'val') -> Iterator[LoadedRun]:
     """Rebuild the run of ``RUN_DIR/checkpoints/<name>.safetensors`` with those weights loaded.
 
     The model, transforms and split come from ``RUN_DIR/config.yaml``; ``data_dir`` points the same
-    split logic at another copy of the data (or another data set with the same classes).
+    split logic at another copy of the data (or another data set with the same classes). With
+    ``split='train'`` the evaluation loader (``loaders.val``) holds the run's training samples under
+    the evaluation transform: what the model fits on them, free of augmentation and regularisers.
     """
+    check_choice(split, 'split', ('val', 'train'))
     checkpoint = Path(checkpoint)
     config_path = checkpoint.parent.parent / 'config.yaml'
     if not config_path.is_file():
@@ -88,6 +93,8 @@ def load_run(checkpoint: Union[str, Path], data_dir: Optional[str] = None, batch
     env = D.setup(cfg.device)
     try:
         splits = build_splits(cfg)
+        if split == 'train':
+            splits = dataclasses.replace(splits, val_reader=splits.train_reader, val_indices=splits.train_indices)
         model = create_model(cfg, len(splits.label_names), steps_per_epoch=0, pretrained=False)
         model.load_state_dict(weights)
         loaders = loaders_for_model(cfg, splits, model, env.rank, env.world_size)
@@ -101,12 +108,20 @@ def load_run(checkpoint: Union[str, Path], data_dir: Optional[str] = None, batch
 
 def evaluate_checkpoint(checkpoint: Union[str, Path], data_dir: Optional[str] = None,
                         batch_size: Optional[int] = None, workers: Optional[int] = None,
-                        device: Optional[str] = None) -> Dict[str, Any]:
-    """Validate the weights of ``RUN_DIR/checkpoints/<name>.safetensors`` on the run's validation split
-    (see :func:`load_run`); reproduces the validation accuracy logged for the checkpoint's epoch."""
-    with load_run(checkpoint, data_dir, batch_size, workers, device) as run:
+                        device: Optional[str] = None, split: str = 'val') -> Dict[str, Any]:
+    """Evaluate the weights of ``RUN_DIR/checkpoints/<name>.safetensors`` on the run's validation split
+    (see :func:`load_run`): reproduces the validation accuracy logged for the checkpoint's epoch.
+
+    ``split='train'`` evaluates on the run's training samples instead (keys ``train_loss``,
+    ``train_top1``, ``train_top5``, ``train_size``), in eval mode without augmentation.
+    """
+    with load_run(checkpoint, data_dir, batch_size, workers, device, split) as run:
         metrics = evaluate(run.model, run.loaders.val, run.env, autocast(run.cfg, run.env.device),
                            run.cfg.channels_last)
+    if split == 'train':
+        return dict({k.replace('val_', 'train_'): v for k, v in metrics.items()}, checkpoint=str(checkpoint),
+                    epoch=int(run.metadata['epoch']), train_size=len(run.splits.train_indices),
+                    data=run.splits.info['name'])
     return dict(metrics, checkpoint=str(checkpoint), epoch=int(run.metadata['epoch']),
                 val_size=len(run.splits.val_indices), data=run.splits.info['name'],
                 val_split=run.splits.info['val_split'])
