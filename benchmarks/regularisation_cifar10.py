@@ -13,8 +13,8 @@ Small-data regimes that finish within minutes a run on 2 CPU cores (the README's
   ResNet-56 setting), timm's DropBlock (rate 0.1, block 3) in the same stage as its baseline;
 * ``resnet20_aug``: the same with crop, flip and rotation, a regime that does not overfit in 8 epochs.
 
-``cnn`` and ``resnet20`` (the overfitting regimes) take about 75 minutes together; ``resnet20_aug``
-adds about 40 (``--models`` picks).
+``cnn`` and ``resnet20`` (the overfitting regimes) take about 80 minutes together on 2 cores;
+``resnet20_aug`` adds about 40 (``--models`` picks).
 
 Every method runs with seeds 0, 1, 2 (the seed changes the initialisation, the data order and the
 masks; the training subset is the same). Test accuracy is on all 10,000 CIFAR-10 test images. The
