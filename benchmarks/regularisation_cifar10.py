@@ -3,7 +3,7 @@
     python benchmarks/regularisation_cifar10.py --data-dir ../shared/data/cifar10-jpg/train.tar \
         --output runs/regularisation --report docs
 
-Small-data regimes that finish within minutes a run on 2 CPU cores (the README's table):
+Small-data regimes, a few minutes per run on 2 CPU cores (the README's table):
 
 * ``cnn``: the paper's Table 1 CNN narrowed to 32/64/128 filters and two 512-unit FC layers, a
   10,000-image training subset, no augmentation, 8 epochs; FMD element-wise on the two FC layers
@@ -133,8 +133,8 @@ def report(output: Path, report_dir: Path, models: List[str]) -> str:
             lines.append(f'| {model} | {method} | {_mean_std(test)} | {_mean_std(train)} | {_mean_std(gap)} | '
                          f'{_mean_std(running)} | {statistics.mean(erc):.4g} ± {statistics.stdev(erc):.2g} | '
                          f'{minutes:.1f} |')
-        plot_comparison([output / run_name(model, m, 0) for m in METHODS[model]], report_dir / f'regularisation_{model}.png',
-                        labels=list(METHODS[model]),
+        plot_comparison([output / run_name(model, m, 0) for m in METHODS[model]],
+                        report_dir / f'regularisation_{model}.png', labels=list(METHODS[model]),
                         title=f'CIFAR-10 subset, {model}: train (dashed) vs test (solid), seed 0')
     table = '\n'.join(lines)
     atomic_write(report_dir / 'regularisation_cifar10.md', table + '\n')

@@ -9,7 +9,8 @@ per site, linked to the layer that consumes the site's output:
   to that module's output (out of place: timm's in-place adds and activations act on a new tensor).
 
 Neither adds a parameter or a persistent buffer (each op's ``prob_now`` buffer is non-persistent),
-so ``state_dict`` keys and shapes stay those of the base architecture, and eval-mode outputs are the base model's bit for bit (the op returns its input).
+so ``state_dict`` keys and shapes stay those of the base architecture, and eval-mode outputs are
+the base model's bit for bit (the op returns its input).
 Converting BatchNorm layers to SyncBatchNorm (timm's or torch's ``convert_sync_batchnorm``) keeps
 children but drops hooks; a forward pre-hook on the model re-installs them, with a warning, at
 the next training forward, and :func:`reapply_fmd` does it at once.
