@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropBlock2d
 
-from timm_fmd.distortion import feature_map_distortion
-from timm_fmd.masks import block_seed_rate, expected_block_fraction
+from timm_fmd.ops.distortion import feature_map_distortion
+from timm_fmd.ops.masks import block_seed_rate, expected_block_fraction
 
 SHAPES = [(32, 1024, 14, 14), (32, 2048, 7, 7), (64, 64, 32, 32)]
 

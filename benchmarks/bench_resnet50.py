@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_fmd
-from timm_fmd.distortion import FeatureMapDistortion
+from timm_fmd.ops.distortion import FeatureMapDistortion
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_op import authors_formula  # noqa: E402

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import timm_fmd
 from timm_fmd import FMDSettings, apply_fmd, describe, fmd_ops, reapply_fmd, remove_fmd
-from timm_fmd.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
+from timm_fmd.ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
 
 
 def _resnet(**fmd):

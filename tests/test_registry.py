@@ -107,7 +107,7 @@ def test_export_in_eval_mode_equals_the_base_model():
 
 
 def test_compiled_op_follows_the_ramp_without_recompiling():
-    from timm_fmd.distortion import BlockFeatureMapDistortion
+    from timm_fmd.ops.distortion import BlockFeatureMapDistortion
     graphs = []
 
     def counting_backend(gm, example_inputs):

@@ -5,11 +5,11 @@
 """
 __version__ = '0.1.0'
 
-from .distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion
+from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion
 from .inject import FMDSettings, apply_fmd, describe, fmd_ops, fmd_settings, reapply_fmd, remove_fmd
 from .models import CifarResNet, PaperCNN  # registers the paper's architectures in timm
 from .registry import base_architecture, register_fmd_models
-from .schedule import current_prob, schedule_step, set_schedule_step, step_schedule
+from .ops.schedule import current_prob, schedule_step, set_schedule_step, step_schedule
 
 from .factory import create_model  # noqa: E402  (after the registry: it builds fmd_ models)
 

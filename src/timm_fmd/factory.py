@@ -19,7 +19,7 @@ from timm.models import is_model, parse_model_name, split_model_name_tag
 
 from .hub.publish import fmd_kwargs, read_config
 from .inject import apply_fmd
-from .schedule import set_schedule_step
+from .ops.schedule import set_schedule_step
 
 __all__ = ['create_model']
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 from timm.models import register_notrace_module
 
-from .distortion import BlockFeatureMapDistortion, FeatureMapDistortion
+from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
 from .sites import Site, feature_stages, find_sites, probe_input_size
-from .validation import check_choice, check_non_negative, check_positive_int, check_prob
+from .ops.validation import check_choice, check_non_negative, check_positive_int, check_prob
 
 __all__ = ['FMDSettings', 'apply_fmd', 'remove_fmd', 'reapply_fmd', 'describe', 'fmd_ops', 'fmd_settings']
 
@@ -49,7 +49,7 @@ class FMDSettings:
         stages: feature_info indices, like timm's ``out_indices`` (negatives count from the end).
         sites: which sites: ``'conv'`` (after each conv's normalisation) and/or ``'skip'`` (block outputs
             at residual additions).
-        gamma, lam, steps, mode: see :func:`timm_fmd.distortion.feature_map_distortion`.
+        gamma, lam, steps, mode: see :func:`timm_fmd.ops.distortion.feature_map_distortion`.
         shared_mask: one block mask per sample shared by all channels.
         stage_scale: per chosen stage, a multiplier of ``prob`` (the authors used ``prob / 4`` in
             ResNet-50's layer3: ``stages=(-2, -1), stage_scale=(0.25, 1.0)``).

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import timm_fmd  # noqa: F401  (registers fmd_ models)
-from timm_fmd.erc import empirical_rademacher_complexity
+from timm_fmd.ops.erc import empirical_rademacher_complexity
 from timm_fmd.train.rademacher import erc_layers, layer_erc
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..validation import check_choice
+from ..ops.validation import check_choice
 from . import distributed as D
 from .checkpoint import load_weights
 from .config import TrainConfig, config_from_dict, load_yaml, merge, validate

@@ -4,7 +4,7 @@ FMD aims at the ERC of the layer that consumes each distorted map, ``o^{l+1} = K
 (Theorem 2, Eq. 9 and its convolutional form Eq. 21). :func:`erc_layers` names those layers --
 the next layers of the model's FMD sites, or, for a model without FMD, of the sites FMD would use
 with the given stages -- so runs with and without FMD are measured at the same places.
-:func:`layer_erc` estimates each layer's ERC batch by batch (``timm_fmd.erc.empirical_rademacher_complexity``)
+:func:`layer_erc` estimates each layer's ERC batch by batch (``timm_fmd.ops.erc.empirical_rademacher_complexity``)
 and averages over batches; its standard error is the spread of the per-batch estimates. The ERC
 scales as ``1/N`` with the batch size ``N``: compare numbers measured at the same batch size.
 """
@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..erc import empirical_rademacher_complexity
+from ..ops.erc import empirical_rademacher_complexity
 from ..inject import fmd_ops
 from ..sites import find_sites
 

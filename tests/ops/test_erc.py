@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm_fmd.erc import distortion_objective, empirical_rademacher_complexity, rademacher_sup
-from timm_fmd.next_layer import NextLayer
+from timm_fmd.ops.erc import distortion_objective, empirical_rademacher_complexity, rademacher_sup
+from timm_fmd.ops.next_layer import NextLayer
 
 
 def _exact_erc(outputs):

@@ -14,11 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import timm_fmd.distortion as distortion
-from timm_fmd.distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion
-from timm_fmd.erc import distortion_objective
-from timm_fmd.masks import block_mask, element_mask
-from timm_fmd.next_layer import NextLayer
+import timm_fmd.ops.distortion as distortion
+import timm_fmd.ops.positions as positions_mod
+from timm_fmd.ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion
+from timm_fmd.ops.erc import distortion_objective
+from timm_fmd.ops.masks import block_mask, element_mask
+from timm_fmd.ops.next_layer import NextLayer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def _sigma(batch, seed):
 def positions(request, monkeypatch):
     """Run each test with both position representations (CPU eager uses sparse; CUDA/compile dense)."""
     if request.param == 'dense':
-        monkeypatch.setattr(distortion, '_positions', lambda mask, xc, dtype: distortion._DensePositions(mask, xc, dtype))
+        monkeypatch.setattr(distortion, 'positions', lambda mask, xc, dtype: positions_mod._DensePositions(mask, xc, dtype))
     return request.param
 
 
@@ -180,7 +181,7 @@ def test_dense_and_sparse_positions_agree_in_exact_mode(monkeypatch):
     f, mask, layer = _problem('conv_grouped', 4, shared=True)
     kwargs = dict(gamma=0.9, lam=0.1, steps=3, mode='exact', next_layer=layer, mask=mask)
     sparse = feature_map_distortion(f, 0.3, generator=torch.Generator().manual_seed(1), **kwargs)
-    monkeypatch.setattr(distortion, '_positions', lambda m, xc, dtype: distortion._DensePositions(m, xc, dtype))
+    monkeypatch.setattr(distortion, 'positions', lambda m, xc, dtype: positions_mod._DensePositions(m, xc, dtype))
     dense = feature_map_distortion(f, 0.3, generator=torch.Generator().manual_seed(1), **kwargs)
     torch.testing.assert_close(sparse, dense)
 
@@ -231,7 +232,7 @@ def test_exact_step_lowers_the_objective_below_dropout(kind):
 
 
 def test_rademacher_gradient_matches_finite_differences():
-    from timm_fmd.erc import rademacher_sup
+    from timm_fmd.ops.erc import rademacher_sup
     torch.manual_seed(0)
     for layer, shape in [(nn.Conv2d(3, 4, 3, stride=2, padding=1, groups=1), (3, 7, 6)),
                          (nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=4), (4, 6, 6)),
@@ -285,7 +286,7 @@ def test_block_mask_realises_prob(size, block_size):
     enough that 0.01 is at least 4 standard errors (a block covering the whole map is the noisiest
     case: one Bernoulli draw per map, so 40,000 maps give a standard error <= 0.0025).
     """
-    from timm_fmd.masks import block_seed_rate, expected_block_fraction
+    from timm_fmd.ops.masks import block_seed_rate, expected_block_fraction
     gen = torch.Generator().manual_seed(size * 100 + block_size)
     maps = 40_000 if size <= 14 else 4_096  # 4,096 maps of 28x28 hold >= 39,000 independent 9x9 blocks
     for prob in (0.05, 0.1, 0.3):
@@ -515,7 +516,7 @@ def test_bad_shapes_are_named():
 def test_std_of_large_maps_is_estimated_from_a_strided_subset():
     """Above 2**18 elements std(f) comes from 2**18 evenly strided ones: relative standard error ~0.14%
     (1/sqrt(2 * 2**18)); asserted within 1% on maps with per-channel structure. Small maps are exact."""
-    from timm_fmd.distortion import STD_SAMPLE, _feature_std
+    from timm_fmd.ops.distortion import STD_SAMPLE, _feature_std
     torch.manual_seed(0)
     for shape in ((16, 256, 32, 32), (32, 1024, 14, 14), (8, 2048, 7, 7)):
         x = torch.randn(shape) * torch.rand(1, shape[1], 1, 1) * 3 + torch.randn(1, shape[1], 1, 1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm_fmd.next_layer import NextLayer, resolve_next_layer
+from timm_fmd.ops.next_layer import NextLayer, resolve_next_layer
 
 CONVS = [
     nn.Conv2d(4, 6, 3, padding=1),

@@ -1,7 +1,7 @@
 import pytest
 import torch.nn as nn
 
-from timm_fmd.schedule import LinearRamp, current_prob, schedule_step, set_schedule_step, step_schedule
+from timm_fmd.ops.schedule import LinearRamp, current_prob, schedule_step, set_schedule_step, step_schedule
 
 
 def test_linear_ramp_values():

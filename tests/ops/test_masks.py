@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_fmd.masks import (
+from timm_fmd.ops.masks import (
     _grow, block_mask, block_seed_rate, clamp_block_size, element_mask, expected_block_fraction)
 
 
