@@ -40,6 +40,7 @@ from .checkpoint import (atomic_write, capture_rng, load_checkpoint, restore_rng
                          weights_for_saving)
 from .config import FMD_FIELDS, TrainConfig, save_config, validate
 from .data import Loaders, Splits, build_mixup, build_splits, loaders_for_model, steps_per_epoch
+from .device_data import device_loaders
 from .evaluate import autocast, evaluate, hits
 from .model import base_architecture, create_model, is_fmd, pretrained_source
 from .rademacher import erc_layers, layer_erc
@@ -170,7 +171,10 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
     if not is_fmd(cfg.model) and env.is_main:
         print(f'note: {cfg.model} is not an fmd_<arch> model: training without Feature Map Distortion', flush=True)
     cuda = env.device.type == 'cuda'
-    loaders = loaders_for_model(cfg, splits, model, env.rank, env.world_size, pin_memory=cfg.pin_mem and cuda)
+    if cfg.data_on_device:
+        loaders = device_loaders(cfg, splits, model, env.device, env.rank, env.world_size)
+    else:
+        loaders = loaders_for_model(cfg, splits, model, env.rank, env.world_size, pin_memory=cfg.pin_mem and cuda)
     if cfg.sync_bn and not env.distributed and env.is_main:
         print('note: --sync-bn has no effect in a single process', flush=True)
     if cfg.sync_bn and env.distributed:
