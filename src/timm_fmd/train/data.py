@@ -30,8 +30,8 @@ from torchvision import transforms as T
 
 from .config import TrainConfig
 
-__all__ = ['Splits', 'Loaders', 'cache_root', 'digits_root', 'build_splits', 'steps_per_epoch', 'data_args', 'build_transforms',
-           'build_loaders', 'loaders_for_model', 'build_mixup', 'SampleDataset', 'EpochSampler']
+__all__ = ['Splits', 'Loaders', 'digits_root', 'build_splits', 'steps_per_epoch', 'data_args', 'build_transforms',
+           'build_loaders', 'loaders_for_model', 'build_mixup', 'SampleDataset', 'EpochSampler', 'cache_root']
 
 _logger = logging.getLogger(__name__)
 
