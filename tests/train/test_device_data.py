@@ -271,3 +271,17 @@ def test_fit_on_device_with_mixup_and_ema(tiny_data, tmp_path):
     row, = MetricsLog.read(tmp_path / 'run' / 'metrics.csv').rows
     assert row['train_top1'] is None and math.isfinite(row['train_loss']) and results['global_steps'] == 6
     assert results['data']['input_size'] == [3, 16, 16] and results['evaluated_weights'] == 'ema'
+
+
+def test_a_data_set_larger_than_half_the_free_memory_is_refused(tiny_data, tmp_path, monkeypatch):
+    import timm_fmd.train.device_data as device_data
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (3 * 2 ** 30, 80 * 2 ** 30))
+    assert device_data._available_memory(torch.device('cuda', 0)) == 3 * 2 ** 30
+    assert device_data._available_memory(CPU) > 0  # the host's MemAvailable
+    monkeypatch.setattr(device_data, '_available_memory', lambda device: 2 * 60 * 3 * 16 * 16 - 1)
+    cfg = quick_config(tiny_data, tmp_path, data_on_device=True)
+    with pytest.raises(ValueError, match=r'--data-on-device: the data set takes 0.00 GiB as uint8, more than half of '
+                                         r'the 0.00 GiB free on cpu; train without --data-on-device'):
+        device_loaders(cfg, build_splits(cfg), _model(), CPU)
+    monkeypatch.setattr(device_data, '_available_memory', lambda device: 2 * 60 * 3 * 16 * 16)
+    device_loaders(cfg, build_splits(cfg), _model(), CPU)  # 60 images of 3 x 16 x 16 fit in twice their size

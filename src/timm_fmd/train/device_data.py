@@ -253,14 +253,20 @@ def load_split(reader: Any, indices: np.ndarray, head: T.Compose, workers: int =
 
 
 # ---------------------------------------------------------------------------------------- loaders
-def _check_fits(nbytes: int, device: torch.device) -> None:
+def _available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on a CUDA device, or the host's MemAvailable for the CPU (``None`` where unknown)."""
     if device.type == 'cuda':
-        free, _ = torch.cuda.mem_get_info(device)
-    elif hasattr(os, 'sysconf') and 'SC_AVPHYS_PAGES' in os.sysconf_names:
-        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    else:
-        return
-    if nbytes > free // 2:  # the model, activations and augmented batches need the rest
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration):
+        return None
+
+
+def _check_fits(nbytes: int, device: torch.device) -> None:
+    free = _available_memory(device)
+    if free is not None and nbytes > free // 2:  # the model, activations and augmented batches need the rest
         raise ValueError(f'--data-on-device: the data set takes {nbytes / 2 ** 30:.2f} GiB as uint8, more than half '
                          f'of the {free / 2 ** 30:.2f} GiB free on {device}; train without --data-on-device')
 
