@@ -207,3 +207,16 @@ def test_a_killed_run_is_resumed_not_restarted(tars, tmp_path):
     rows = MetricsLog.read(run_dir / 'metrics.csv').rows
     assert [r['epoch'] for r in rows] == [1, 2, 3, 4] and rows[:len(done)] == done
     assert run['results']['global_steps'] == 4 * 3  # 24 images / batch 8, every epoch trained once
+
+
+@pytest.mark.cuda
+def test_table2_rows_on_cuda(tars, tmp_path):
+    """The GPU settings end to end: data on the device, CUDA graphs (FMD rows where the op is capture-safe),
+    bf16, channels_last, two processes at once on the one GPU."""
+    payload = paper_gpu.main(['--table', '2', '--methods', 'none', 'fmd-text', '--subset', '24', '--batch-size', '8',
+                              '--epochs', '2', '--device', 'cuda', '--parallel', '2', '--data-dir', str(tars),
+                              '--out', str(tmp_path)])
+    runs = {r['method']: r for r in payload['runs']}
+    assert runs['none']['cuda_graph'] and runs['fmd-text']['cuda_graph'] == capture.capture_safe('cuda')
+    assert all(r['results']['global_steps'] == 6 and r['epochs'] == 2 for r in runs.values())
+    assert payload['gpu'] and '| 2 | none | 1 | 2 |' in payload['table']

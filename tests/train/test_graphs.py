@@ -236,6 +236,7 @@ def test_cuda_graph_follows_the_eager_run_on_cuda(tiny_data, tmp_path, model):
         runs[graph] = fit(quick_config(tiny_data, tmp_path / str(graph), cuda_graph=graph, **common))
     eager, graphed = _rows(tmp_path / 'False' / 'run'), _rows(tmp_path / 'True' / 'run')
     assert [r['lr'] for r in graphed] == [r['lr'] for r in eager]
-    assert [r['fmd_prob'] for r in graphed] == pytest.approx([r['fmd_prob'] for r in eager])  # the ramp moved
+    if model.startswith('fmd_'):  # the ramp advanced under replay as it does eagerly
+        assert [r['fmd_prob'] for r in graphed] == pytest.approx([r['fmd_prob'] for r in eager])
     for e, g in zip(eager, graphed):
         assert g['train_loss'] == pytest.approx(e['train_loss'], rel=0.05)
