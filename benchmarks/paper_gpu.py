@@ -20,15 +20,16 @@ text they come from), plus the row's regulariser:
   text: gamma 30, block 6, p 0.05). FMD's probability ramps from 0 over the whole run, as in the release.
 
 Every run is its own ``timm-fmd train`` process with its own run directory under ``OUT/runs``, pinned to its
-own CPU cores (``--parallel`` runs at once on the one device); the data set is decoded once up front into the
-trainer's ``--data-on-device`` cache, and on CUDA each run uses ``--cuda-graph`` (FMD rows only where the op
-is capture-safe), bf16 autocast and channels_last. A run that crashes or is killed is resumed from its last
-checkpoint (``--resume``), by this command's retries or by running the same command again; finished runs are
-kept. ``OUT/results.json`` merges the runs' ``results.json`` (written after each run) and ``OUT/table.md``
-holds the table: final-epoch test top-1 (the number to compare; no epoch is chosen on the test set) and, beside
-it, the best epoch's; s/epoch is the median epoch time including evaluation; min/run is the trainer's wall
-time of the run (compilation and evaluation included, summed over resumed sessions; process start and data
-loading not), and the last line the command's wall time.
+own CPU cores (Linux's sched_setaffinity; ``--parallel`` runs at once on the one device); the data set is
+decoded once up front into the trainer's ``--data-on-device`` cache, and on CUDA each run uses
+``--cuda-graph`` (FMD rows only where the op is capture-safe), bf16 autocast and channels_last. A run that
+crashes or is killed is resumed from its last checkpoint (``--resume``), by this command's retries or by
+running the same command again; finished runs are kept. ``OUT/results.json`` merges the runs'
+``results.json`` (written after each run) and ``OUT/table.md`` holds the table: final-epoch test top-1 (the
+number to compare; no epoch is chosen on the test set) and, beside it, the best epoch's; s/epoch is the median
+epoch time including evaluation; min/run is the trainer's wall time of the run (compilation and evaluation
+included, summed over resumed sessions; process start and data loading not), and the last line the command's
+wall time.
 
 ``--subset N`` trains and tests on N images of each split (seeded), for quick checks. Nothing is downloaded:
 ``--data-dir`` holds ``train.tar`` and ``test.tar`` (ImageFolder tars), the folders, or the ``.jpeg.pt`` files
