@@ -160,6 +160,26 @@ def test_a_host_sync_in_the_step_fails_the_capture():
         step(x, y, y, 2)
 
 
+@pytest.mark.parametrize('name,kwargs', [('paper_cnn', {'drop_rate': 0.5}),
+                                         ('cifar_preresnet20', {'drop_block_rate': 0.1})])
+def test_the_tables_baselines_capture_without_host_syncs(name, kwargs):
+    """Table 1's dropout CNN and Table 2's DropBlock ResNet (timm's DropBlock2d) are capturable as they are."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+    step = GraphedStep(_linear_step(model, optimizer), optimizer, backend=RecordedGraph(), warmup_steps=1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    before = [p.detach().clone() for p in model.parameters()]
+    for global_step in (1, 2, 3):
+        step(x, y, y, global_step)
+    after = [p.detach().clone() for p in model.parameters()]
+    step(x, y, y, 4)  # a replay
+    assert step.backend.replays == 2
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))
+    assert any(not torch.equal(a, p) for a, p in zip(after, model.parameters()))
+
+
 def test_capturable_ema_follows_timms_decay_schedule():
     from timm.utils import ModelEmaV3
     torch.manual_seed(0)
