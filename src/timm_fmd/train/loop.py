@@ -333,8 +333,8 @@ def _metadata(run: Run, epoch: int, global_step: int) -> Dict[str, str]:
 
 def _save(run: Run, pos: Position) -> None:
     """Checkpoint ``last``: every rank contributes its RNG and running sums; rank 0 writes."""
-    ranks = D.all_gather_objects(dict(rng=capture_rng(run.env.device), sums=pos.sums, epoch_train_time=pos.epoch_train_time),
-                                 run.env)
+    rng = capture_rng(run.env.device)
+    ranks = D.all_gather_objects(dict(rng=rng, sums=pos.sums, epoch_train_time=pos.epoch_train_time), run.env)
     if not run.env.is_main:
         return
     state = dict(epoch=pos.epoch, batch_in_epoch=pos.batch, global_step=pos.global_step, best=pos.best,
