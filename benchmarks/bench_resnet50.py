@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument('--variants', type=parse_variants, default=list(VARIANTS),
                         help=f'comma-separated subset of: {", ".join(VARIANTS)} (default: all; plain always runs)')
     parser.add_argument('--threads', type=int, default=None, help='intra-op CPU threads (default: torch default)')
+    parser.add_argument('--wait-for', type=Path, default=None, metavar='FILE',
+                        help='after the warm-up (and compilation), print "warm" and wait for FILE to exist before '
+                             'the timed rounds (gpu_check.py compiles while other work runs, then times alone)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,13 +127,17 @@ def main() -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    warmup = 2 if args.compile else 1  # allocators and kernels; compilation of forward and backward
-    times: Dict[str, list] = {v: [] for v in variants}
-    for rep in range(args.repeats + warmup):
+    for _ in range(2 if args.compile else 1):  # allocators and kernels; compilation of forward and backward
         for v in variants:
-            t = step(v)
-            if rep >= warmup:
-                times[v].append(t)
+            step(v)
+    if args.wait_for is not None:
+        print('warm', flush=True)
+        while not args.wait_for.exists():
+            time.sleep(0.05)
+    times: Dict[str, list] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            times[v].append(step(v))
     fmd = next((m for m in models.values() if timm_fmd.fmd_ops(m)), None)
     sites = f'FMD sites: {len(timm_fmd.fmd_ops(fmd))} (layer3+layer4, conv+skip), ' if fmd is not None else ''
     print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch_size} '
