@@ -11,8 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import timm_fmd.train.distributed as D
+# `setup` is called through the module: a test module's own `setup` function is nose-style module set-up to pytest 8.0
 from timm_fmd.train.distributed import (DistEnv, all_gather_objects, all_reduce_sum, assert_in_sync, resolve_device,
-                                        setup, to_device, unwrap, wrap_ddp)
+                                        to_device, unwrap, wrap_ddp)
 from timm_fmd.train.loop import fit
 from timm_fmd.train.report import MetricsLog
 
@@ -26,7 +27,7 @@ def _free_port() -> int:
 
 
 def test_single_process_helpers_are_identities():
-    env = setup('cpu')
+    env = D.setup('cpu')
     assert env == DistEnv(0, 1, 0, torch.device('cpu')) and env.is_main and not env.distributed
     t = torch.ones(2)
     assert all_reduce_sum(t, env) is t and all_gather_objects('x', env) == ['x']
@@ -86,7 +87,7 @@ class _FakeGroup:
 def test_setup_single_process_on_cuda(fake_cuda, monkeypatch):
     group = _FakeGroup(monkeypatch)
     for name in ('auto', 'cuda', 'cuda:1'):
-        env = setup(name)
+        env = D.setup(name)
         index = 1 if name == 'cuda:1' else 0
         assert env == DistEnv(0, 1, 0, torch.device('cuda', index)) and not env.distributed
         assert fake_cuda.set_calls[-1] == torch.device('cuda', index)  # always an indexed device
@@ -101,7 +102,7 @@ def test_setup_under_torchrun_with_one_process(fake_cuda, monkeypatch):
     monkeypatch.setenv('RANK', '0')
     monkeypatch.setenv('WORLD_SIZE', '1')
     monkeypatch.setenv('LOCAL_RANK', '0')
-    env = setup('auto')
+    env = D.setup('auto')
     assert env == DistEnv(0, 1, 0, torch.device('cuda', 0), torchrun=True) and env.distributed
     assert fake_cuda.set_calls == [torch.device('cuda', 0)]
     assert group.init_calls == [('nccl', dict(device_id=torch.device('cuda', 0)))]
@@ -114,24 +115,24 @@ def test_setup_under_torchrun_with_two_ranks(fake_cuda, monkeypatch):
     monkeypatch.setenv('RANK', '1')
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('LOCAL_RANK', '1')
-    env = setup('cuda')
+    env = D.setup('cuda')
     assert env == DistEnv(1, 2, 1, torch.device('cuda', 1), torchrun=True) and not env.is_main
     assert fake_cuda.set_calls == [torch.device('cuda', 1)]
     assert group.init_calls == [('nccl', dict(device_id=torch.device('cuda', 1)))]
     wrap_ddp(torch.nn.Linear(1, 1), env)
     assert group.ddp_calls == [dict(device_ids=[1], output_device=1)]
     with pytest.raises(ValueError, match='--device cuda:0: all 2 torchrun processes would share that one GPU'):
-        setup('cuda:0')
+        D.setup('cuda:0')
     monkeypatch.setenv('LOCAL_RANK', '2')  # --nproc_per_node 3 on a machine with 2 GPUs
     with pytest.raises(ValueError, match=r'LOCAL_RANK=2\): cuda:2 does not exist, this machine has 2 CUDA'):
-        setup('cuda')
+        D.setup('cuda')
 
 
 def test_setup_under_torchrun_on_cpu_uses_gloo(monkeypatch):
     group = _FakeGroup(monkeypatch)
     monkeypatch.setenv('WORLD_SIZE', '1')
     monkeypatch.setenv('LOCAL_RANK', '0')
-    env = setup('cpu')
+    env = D.setup('cpu')
     assert env.device == torch.device('cpu') and group.init_calls == [('gloo', dict(device_id=None))]
     wrap_ddp(torch.nn.Linear(1, 1), env)
     assert group.ddp_calls == [{}]
@@ -162,7 +163,7 @@ def _drift_worker(rank: int, port: int, results) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
                       LOCAL_RANK=str(rank))
-    env = setup('cpu')
+    env = D.setup('cpu')
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     assert_in_sync(model, env)  # identical replicas pass
