@@ -182,3 +182,11 @@ def test_cli_without_cuda_skips_cleanly_and_writes_the_table(tmp_path):
     assert table.strip() == done.stdout.strip() and sorted(os.listdir(tmp_path)) == ['gpu_check.log', 'gpu_check.md']
     rows = gc.parse_table(table, 'part')
     assert len(rows) == 4 + len(gc.TARGETS) and all(r['verdict'] == 'not measured' for r in rows)
+
+
+def test_bad_budgets_are_refused(capsys):
+    for argv, message in ((['--op-timeout', '0'], 'the op timeout must be > 0 seconds, got 0.0'),
+                          (['--tests-timeout', '120'], '--tests-timeout (120 s) must be below --compile-timeout (110 s)')):
+        with pytest.raises(SystemExit) as exit_info:
+            gc.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
