@@ -29,7 +29,7 @@ from timm.optim import create_optimizer_v2
 import timm_fmd  # noqa: F401  (registers the fmd_<arch> twins and the paper's models)
 from timm_fmd.train import TrainConfig, fit
 from timm_fmd.train.data import build_splits, loaders_for_model, steps_per_epoch
-from timm_fmd.train.distributed import setup
+from timm_fmd.train.distributed import setup, to_device
 from timm_fmd.train.evaluate import autocast
 from timm_fmd.train.model import create_model
 from timm_fmd.train.report import MetricsLog
@@ -58,7 +58,7 @@ def bare_loop(cfg: TrainConfig) -> List[float]:
         model.train()
         seen, start = 0, time.perf_counter()
         for x, y, _ in loaders.train:
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            x, y = to_device(env.device, x, y)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():

@@ -50,6 +50,13 @@ def test_model_stats_counts_params_macs_and_activations():
     assert model.training  # the mode is restored
 
 
+def test_model_stats_measures_a_model_on_its_own_device():
+    """The probe image is made on the model's device: on 'meta' (a stand-in for a GPU on this CPU machine) the
+    statistics equal the CPU ones instead of failing on a CPU tensor mixed in."""
+    model = _TinyNet()
+    assert model_stats(model.to('meta'), (3, 8, 8)) == model_stats(_TinyNet(), (3, 8, 8))
+
+
 def test_front_matter_and_numbers_come_from_results(make_run):
     run_dir = make_run()
     results = json.loads((run_dir / 'results.json').read_text())

@@ -111,12 +111,15 @@ class _ActivationCounter(TorchDispatchMode):
 
 def model_stats(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
     """Parameters (M), GMACs and activations (M) for one image of ``input_size`` (C, H, W), and the shape of the
-    unpooled features. MACs are half of ``FlopCounterMode``'s FLOPs (a multiply-add counts two FLOPs there)."""
+    unpooled features. MACs are half of ``FlopCounterMode``'s FLOPs (a multiply-add counts two FLOPs there).
+    The image is made on the model's device (a model on a GPU is measured there)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
     was_training = model.training
     flop_counter, activation_counter = FlopCounterMode(display=False), _ActivationCounter()
     try:
         with torch.no_grad(), flop_counter, activation_counter:
-            features = model.eval().forward_features(torch.zeros(1, *input_size))
+            features = model.eval().forward_features(torch.zeros(1, *input_size, device=device))
             model.forward_head(features)
     finally:
         model.train(was_training)

@@ -45,7 +45,7 @@ def evaluate(model: nn.Module, loader: Any, env: D.DistEnv, autocast: Callable[[
     model.eval()
     sums, count = torch.zeros(3, dtype=torch.float64, device=env.device), 0
     for x, y, _ in loader:
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        x, y = D.to_device(env.device, x, y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():

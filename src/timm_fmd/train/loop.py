@@ -32,7 +32,6 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
-from torch.nn.parallel import DistributedDataParallel
 
 import timm_fmd
 from . import distributed as D
@@ -191,9 +190,7 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=not cfg.sched_on_updates,
         updates_per_epoch=n_steps)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
-    train_model = model
-    if env.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[env.device] if cuda else None)
+    train_model = D.wrap_ddp(model, env)
     if cfg.torchcompile:
         train_model = torch.compile(train_model, backend=cfg.torchcompile)
     mixup = build_mixup(cfg, len(splits.label_names))
@@ -226,7 +223,7 @@ def train_one_epoch(run: Run, pos: Position, epoch: int) -> Dict[str, Any]:
         x, y, skipped = next(batches)
         if skipped:
             print(f'warning: rank {env.rank} skipped {len(skipped)} unreadable image(s): {skipped}', flush=True)
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        x, y = D.to_device(env.device, x, y)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         target = y
@@ -336,8 +333,8 @@ def _metadata(run: Run, epoch: int, global_step: int) -> Dict[str, str]:
 
 def _save(run: Run, pos: Position) -> None:
     """Checkpoint ``last``: every rank contributes its RNG and running sums; rank 0 writes."""
-    ranks = D.all_gather_objects(dict(rng=capture_rng(), sums=pos.sums, epoch_train_time=pos.epoch_train_time),
-                                 run.env)
+    rng = capture_rng(run.env.device)
+    ranks = D.all_gather_objects(dict(rng=rng, sums=pos.sums, epoch_train_time=pos.epoch_train_time), run.env)
     if not run.env.is_main:
         return
     state = dict(epoch=pos.epoch, batch_in_epoch=pos.batch, global_step=pos.global_step, best=pos.best,
@@ -367,7 +364,7 @@ def _resume(run: Run) -> Position:
                    wall_time=state['wall_time_s'], erc=state.get('erc'))
     if state['world_size'] == run.env.world_size:
         mine = state['ranks'][run.env.rank]
-        restore_rng(mine['rng'])
+        restore_rng(mine['rng'], run.env.device)
         pos.sums, pos.epoch_train_time = mine['sums'], mine['epoch_train_time']
     elif pos.batch:
         raise ValueError(f'--resume: the checkpoint is mid-epoch from {state["world_size"]} process(es); resume it '
