@@ -52,6 +52,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import fused
 from .erc import rademacher_sup
 from .masks import block_mask, block_seed_rate, element_mask, expected_block_fraction
 from .next_layer import NextLayer
@@ -186,14 +187,21 @@ def _distort(
             raise ValueError("mode='exact' needs next_layer as a module (nn.Linear / nn.Conv2d); "
                              'a bare weight tensor is enough only for ' "mode='approx'")
 
+    if block_size is not None and mask is None:
+        check_positive_int(block_size, 'block_size')
+        if len(spatial) != 2:
+            raise ValueError(f'block_size needs a feature map with 2 spatial dims (layout NCHW or NHWC), '
+                             f'got layout {layout!r}')
+    exact = mode == 'exact' and next_layer is not None
+    if fused.applies(xc, lam=lam, steps=steps, mask=mask, noise=noise):
+        out, fraction = fused.distort(xc, prob, gamma=gamma, exact=exact, next_layer=next_layer, block_size=block_size,
+                                      shared_mask=shared_mask, generator=generator)
+        return out.movedim(1, channel_dim), fraction
+
     if mask is None:
         if block_size is None:
             mask = element_mask(xc.shape, prob, device=x.device, generator=generator)
         else:
-            check_positive_int(block_size, 'block_size')
-            if len(spatial) != 2:
-                raise ValueError(f'block_size needs a feature map with 2 spatial dims (layout NCHW or NHWC), '
-                                 f'got layout {layout!r}')
             mask = block_mask(batch, 1 if shared_mask else channels, *spatial, prob, block_size,
                               device=x.device, generator=generator)
     elif (mask.dtype != torch.bool or mask.ndim != xc.ndim or mask.shape[0] != batch
@@ -206,7 +214,6 @@ def _distort(
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         pos = positions(mask, xc, compute_dtype)
         step = gamma * _feature_std(xc).to(compute_dtype)
-        exact = mode == 'exact' and next_layer is not None
         feats = pos.features(xc, compute_dtype) if (lam > 0 or exact) else None
         if exact:
             sigma = noise.sample_signs(batch, x.device, compute_dtype)
