@@ -33,10 +33,10 @@ from .erc import rademacher_sup
 from .masks import RATE_TABLE_SIZE, RATE_TABLE_T_MAX, block_seed_rate, clamp_block_size, seed_rate_table
 from .noise import generator_kwargs
 
-__all__ = ['applies', 'distort', 'forced', 'MAX_ELEMENTS']
+__all__ = ['applies', 'distort', 'forced', 'disabled', 'plan', 'MAX_ELEMENTS']
 
 MAX_ELEMENTS = 1 << 30  # Philox counters and offsets are int32
-TILE_ELEMENTS = 2048  # elements of one program's register tile on a GPU (no spills on sm_90, see the tests)
+TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (8 warps; no spills on sm_90, see the tests)
 INTERPRET_TILE_ELEMENTS = 1 << 16  # the interpreter costs ~50 ms per program whatever its size: few, large tiles
 PROGRAMS_PER_SM = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,18 +44,28 @@ ONE_BY_ONE_FACTOR = 0.1  # as distortion.ONE_BY_ONE_FACTOR / NO_NEXT_LAYER_WEIGH
 NO_NEXT_LAYER_WEIGHT = 0.01
 _T_SCALE = (RATE_TABLE_SIZE - 1) / RATE_TABLE_T_MAX
 
-_forced = False
+_override: Optional[bool] = None  # None: CUDA maps only; True: CPU maps too (interpreter); False: never
 
 
 @contextlib.contextmanager
-def forced() -> Iterator[None]:
-    """Run the fused path on CPU tensors too (tests; needs ``TRITON_INTERPRET=1`` before triton is imported)."""
-    global _forced
-    previous, _forced = _forced, True
+def _overridden(value: bool) -> Iterator[None]:
+    global _override
+    previous, _override = _override, value
     try:
         yield
     finally:
-        _forced = previous
+        _override = previous
+
+
+def forced():
+    """Context: run the fused path on CPU tensors too (tests; needs ``TRITON_INTERPRET=1`` before triton is
+    imported, see ``tests/ops/fused/conftest.py``)."""
+    return _overridden(True)
+
+
+def disabled():
+    """Context: never run the fused path (benchmarks time the PyTorch reference on a GPU with it)."""
+    return _overridden(False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +79,7 @@ def _triton_available() -> bool:
 
 def applies(x: torch.Tensor, *, lam: float, steps: int, mask: Optional[torch.Tensor], noise) -> bool:
     """Whether :func:`distort` handles this call (see the module docstring); else the PyTorch reference does."""
-    if x.device.type != 'cuda' and not _forced:
+    if _override is False or (x.device.type != 'cuda' and not _override):
         return False
     return (lam == 0 and steps == 1 and mask is None and noise is None and x.dtype in DTYPES
             and 0 < x.numel() <= MAX_ELEMENTS and _triton_available())
@@ -115,29 +125,33 @@ def _target_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
-    batch, channels, height, width = x4.shape
-    interpret = x4.device.type != 'cuda'
-    budget = INTERPRET_TILE_ELEMENTS if interpret else TILE_ELEMENTS
+def plan(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: int, *, gpu: bool,
+         programs: int) -> _Plan:
+    """Tiles and grid for a ``(B, C, H, W)`` map: a register tile of at most ``TILE_ELEMENTS`` on a GPU
+    (``INTERPRET_TILE_ELEMENTS`` in the interpreter), and enough batch chunks for ``programs`` programs."""
+    batch, channels, height, width = shape
+    budget = TILE_ELEMENTS if gpu else INTERPRET_TILE_ELEMENTS
     # channels fastest in memory (channels_last, NHWC, tokens): enough channels per tile for coalesced access
-    min_bc = 16 if x4.stride(1) == 1 and channels > 1 and not interpret else 1
+    min_bc = 16 if channel_stride == 1 and channels > 1 and gpu else 1
     th, tw = _np2(height), _np2(width)
-    while min_bc * th * tw > budget:  # halve the larger side, keeping at least twice the block (halo <= half)
-        if th >= tw and th >= 2 * _np2(cfg.kh):
-            th //= 2
-        elif tw >= 2 * _np2(cfg.kw):
-            tw //= 2
-        elif th >= 2 * _np2(cfg.kh):
+    # halve the larger side while the tile still advances by at least half its size past the halo
+    can_h, can_w = (lambda: th >= 2 and th // 2 >= 2 * (kh - 1)), (lambda: tw >= 2 and tw // 2 >= 2 * (kw - 1))
+    while min_bc * th * tw > budget and (can_h() or can_w()):
+        if can_h() and (th >= tw or not can_w()):
             th //= 2
         else:
-            break
+            tw //= 2
     bc = min(_np2(channels), max(1, budget // (th * tw)))
-    n_ht = 1 if height <= th else 1 + _cdiv(height - th, th - cfg.kh + 1)
-    n_wt = 1 if width <= tw else 1 + _cdiv(width - tw, tw - cfg.kw + 1)
+    n_ht = 1 if height <= th else 1 + _cdiv(height - th, th - kh + 1)
+    n_wt = 1 if width <= tw else 1 + _cdiv(width - tw, tw - kw + 1)
     n_tiles = _cdiv(channels, bc) * n_ht * n_wt
-    n_split = min(batch, max(1, _cdiv(_target_programs(x4.device), n_tiles)))
-    b_chunk = _cdiv(batch, n_split)
+    b_chunk = _cdiv(batch, min(batch, max(1, _cdiv(programs, n_tiles))))
     return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk)
+
+
+def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
+    return plan(tuple(x4.shape), x4.stride(1), cfg.kh, cfg.kw, gpu=x4.device.type == 'cuda',
+                programs=_target_programs(x4.device))
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -157,9 +171,14 @@ def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     return fallback if t is None else t  # an unused pointer argument still needs a tensor
 
 
-def _mask_args(cfg: _Config, plan: _Plan) -> dict:
+def num_warps(tiles: _Plan) -> int:
+    """8 warps for the largest tiles: 16-32 elements per thread keep the registers below 255 (no spills)."""
+    return 8 if tiles.bc * tiles.th * tiles.tw >= 4096 else 4
+
+
+def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
     return dict(BLOCK=bool(cfg.block), SHARED=bool(cfg.shared), RATE_FROM=cfg.rate_from, TABLE_SIZE=RATE_TABLE_SIZE,
-                BC=plan.bc, TH=plan.th, TW=plan.tw)
+                BC=tiles.bc, TH=tiles.th, TW=tiles.tw, num_warps=num_warps(tiles))
 
 
 def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], table: Optional[torch.Tensor],
@@ -169,26 +188,26 @@ def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     cfg = _Config(*config)
     x4 = _as_4d(x)
     batch, channels, height, width = x4.shape
-    plan = _plan(x4, cfg)
+    tiles = _plan(x4, cfg)
     f32 = dict(dtype=torch.float32, device=x.device)
-    parts = torch.empty((plan.n_tiles * plan.n_split, 4), **f32)
-    g = torch.empty((plan.n_split, channels, height, width), **f32) if cfg.exact else parts
+    parts = torch.empty((tiles.n_tiles * tiles.n_split, 4), **f32)
+    g = torch.empty((tiles.n_split, channels, height, width), **f32) if cfg.exact else parts
     stats = torch.empty(4, **f32)
     coef = parts if cfg.exact else torch.empty(channels, **f32)
     signs = parts
     if report is not None and cfg.signed:
         signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
     with _device_guard(x):
-        kernels.fmd_stats_kernel[(plan.n_tiles, plan.n_split)](
+        kernels.fmd_stats_kernel[(tiles.n_tiles, tiles.n_split)](
             x4, seed, _or(prob, seed), _or(table, stats), parts, g, rate, _T_SCALE, batch, channels, height, width,
-            *x4.stride(), plan.b_chunk, plan.n_ht, plan.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact),
-            **_mask_args(cfg, plan))
+            *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact),
+            **_mask_args(cfg, tiles))
         kernels.fmd_finalize_kernel[(1,)](
             parts, stats, _or(k_max, stats), coef, seed, signs, parts.shape[0], float(x.numel()), gamma, w_factor,
             channels, cfg.window, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km), SIGNED=bool(cfg.signed),
             REPORT=report is not None, PB=1024, CB=64, WINP=_np2(cfg.window))
     if cfg.exact:  # G = sum over the batch chunks, in the map's canonical (C, *spatial) shape
-        coef = (g.sum(0) if plan.n_split > 1 else g[0]).reshape((channels,) + tuple(x.shape[2:]))
+        coef = (g.sum(0) if tiles.n_split > 1 else g[0]).reshape((channels,) + tuple(x.shape[2:]))
     return stats, coef
 
 
@@ -200,7 +219,7 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     out = torch.empty_like(x)
     x4, out4 = _as_4d(x), _as_4d(out)
     batch, channels, height, width = x4.shape
-    plan = _plan(x4, cfg)
+    tiles = _plan(x4, cfg)
     reports = [stats] * 4
     if report is not None:
         new = functools.partial(torch.zeros, device=x.device)
@@ -210,11 +229,11 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
         report['sigma'] = new(batch, dtype=torch.float32)
         reports = [report[k] for k in ('mask', 'seeds', 'normal', 'sigma')]
     with _device_guard(x):
-        kernels.fmd_apply_kernel[(plan.n_tiles, plan.n_split)](
+        kernels.fmd_apply_kernel[(tiles.n_tiles, tiles.n_split)](
             x4, out4, seed, _or(prob, seed), _or(table, stats), stats, coef.contiguous(), *reports,
             rate, _T_SCALE, float(cfg.window), batch, channels, height, width, *x4.stride(), *out4.stride(),
-            plan.b_chunk, plan.n_ht, plan.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), REPORT=report is not None,
-            **_mask_args(cfg, plan))
+            tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), REPORT=report is not None,
+            **_mask_args(cfg, tiles))
     return out
 
 
@@ -255,12 +274,12 @@ def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor
     dx = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
     g4, dx4 = _as_4d(grad), _as_4d(dx)
     batch, channels, height, width = g4.shape
-    plan = _plan(dx4, cfg)
+    tiles = _plan(dx4, cfg)
     with _device_guard(grad):
-        kernels.fmd_grad_kernel[(plan.n_tiles, plan.n_split)](
+        kernels.fmd_grad_kernel[(tiles.n_tiles, tiles.n_split)](
             g4, dx4, seed, _or(prob, seed), _or(table, stats), stats, rate, _T_SCALE, batch, channels, height, width,
-            *g4.stride(), *dx4.stride(), plan.b_chunk, plan.n_ht, plan.n_wt, cfg.kh, cfg.kw,
-            **_mask_args(cfg, plan))
+            *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw,
+            **_mask_args(cfg, tiles))
     return dx
 
 

@@ -116,22 +116,24 @@ def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
     mean_acc = 0.0
     m2_acc = 0.0
     g = tl.zeros((BC, TH, TW), dtype=tl.float32)
-    for b in range(split * b_chunk, tl.minimum(split * b_chunk + b_chunk, B)):
-        x = tl.load(x_ptr + b * sxb + offsets, mask=own, other=0.0).to(tl.float32)
-        m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
-        distorted = m & own
-        count += tl.sum(distorted.to(tl.float32))
-        # Chan et al.'s merge of this sample's tile statistics into the running ones
-        mean_b = tl.sum(x) / n_tile
-        dev = tl.where(own, x - mean_b, 0.0)
-        m2_b = tl.sum(dev * dev)
-        n_new = n_acc + n_tile
-        delta = mean_b - mean_acc
-        mean_acc += delta * (n_tile / n_new)
-        m2_acc += m2_b + delta * delta * (n_acc * n_tile / n_new)
-        n_acc = n_new
-        if EXACT:
-            g += tl.where(distorted, 0.0, x * _sample_sign(key, b))
+    for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
+        b = split * b_chunk + i
+        if b < B:
+            x = tl.load(x_ptr + b * sxb + offsets, mask=own, other=0.0).to(tl.float32)
+            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            distorted = m & own
+            count += tl.sum(distorted.to(tl.float32))
+            # Chan et al.'s merge of this sample's tile statistics into the running ones
+            mean_b = tl.sum(x) / n_tile
+            dev = tl.where(own, x - mean_b, 0.0)
+            m2_b = tl.sum(dev * dev)
+            n_new = n_acc + n_tile
+            delta = mean_b - mean_acc
+            mean_acc += delta * (n_tile / n_new)
+            m2_acc += m2_b + delta * delta * (n_acc * n_tile / n_new)
+            n_acc = n_new
+            if EXACT:
+                g += tl.where(distorted, 0.0, x * _sample_sign(key, b))
     part = part_ptr + (tile * tl.num_programs(1) + split) * 4
     tl.store(part, n_acc)
     tl.store(part + 1, mean_acc)
@@ -215,30 +217,32 @@ def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr, c
         d = tl.load(coef_ptr + (c * H + h) * W + w, mask=own, other=0.0)
     else:
         coef = tl.load(coef_ptr + c, mask=c < C, other=0.0)
-    for b in range(split * b_chunk, tl.minimum(split * b_chunk + b_chunk, B)):
-        x = tl.load(x_ptr + b * sxb + x_offsets, mask=own, other=0.0).to(tl.float32)
-        m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
-        index = ((b * C + c) * H + h) * W + w  # logical canonical index
-        if EXACT:
-            sigma = _sample_sign(key, b)
-            value = -((sigma * (step / window)) * d)
-        else:
-            z = tl.randn(key + 1, index)
-            value = -(coef * z)
-        y = tl.where(m, value, x) * scale
-        tl.store(out_ptr + b * sob + out_offsets, y.to(out_ptr.dtype.element_ty), mask=own)
-        if REPORT:  # for tests: the mask, seed field, normals and signs this kernel used
-            tl.store(mask_rep + index, (m & own).to(tl.int8), mask=own)
-            if BLOCK:
-                if SHARED:
-                    first = own & (c == 0)  # (BC, TH, TW) like the pointers below; seeds is (1, TH, TW)
-                    tl.store(seed_rep + (b * H + h) * W + w + 0 * c, (seeds & first).to(tl.int8), mask=first)
-                else:
-                    tl.store(seed_rep + index, seeds.to(tl.int8), mask=own)
+    for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
+        b = split * b_chunk + i
+        if b < B:
+            x = tl.load(x_ptr + b * sxb + x_offsets, mask=own, other=0.0).to(tl.float32)
+            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            index = ((b * C + c) * H + h) * W + w  # logical canonical index
             if EXACT:
-                tl.store(sigma_rep + b, sigma)
+                sigma = _sample_sign(key, b)
+                value = -((sigma * (step / window)) * d)
             else:
-                tl.store(normal_rep + index, z, mask=own)
+                z = tl.randn(key + 1, index)
+                value = -(coef * z)
+            y = tl.where(m, value, x) * scale
+            tl.store(out_ptr + b * sob + out_offsets, y.to(out_ptr.dtype.element_ty), mask=own)
+            if REPORT:  # for tests: the mask, seed field, normals and signs this kernel used
+                tl.store(mask_rep + index, (m & own).to(tl.int8), mask=own)
+                if BLOCK:
+                    if SHARED:
+                        first = own & (c == 0)  # (BC, TH, TW) like the pointers below; seeds is (1, TH, TW)
+                        tl.store(seed_rep + (b * H + h) * W + w + 0 * c, (seeds & first).to(tl.int8), mask=first)
+                    else:
+                        tl.store(seed_rep + index, seeds.to(tl.int8), mask=own)
+                if EXACT:
+                    tl.store(sigma_rep + b, sigma)
+                else:
+                    tl.store(normal_rep + index, z, mask=own)
 
 
 @triton.jit
@@ -254,7 +258,9 @@ def fmd_grad_kernel(g_ptr, dx_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr,
     g_offsets = c * sgc + h * sgh + w * sgw
     dx_offsets = c * sdc + h * sdh + w * sdw
     scale = tl.load(stats_ptr + 1)
-    for b in range(split * b_chunk, tl.minimum(split * b_chunk + b_chunk, B)):
-        g = tl.load(g_ptr + b * sgb + g_offsets, mask=own, other=0.0).to(tl.float32)
-        m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
-        tl.store(dx_ptr + b * sdb + dx_offsets, tl.where(m, 0.0, g * scale).to(dx_ptr.dtype.element_ty), mask=own)
+    for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
+        b = split * b_chunk + i
+        if b < B:
+            g = tl.load(g_ptr + b * sgb + g_offsets, mask=own, other=0.0).to(tl.float32)
+            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            tl.store(dx_ptr + b * sdb + dx_offsets, tl.where(m, 0.0, g * scale).to(dx_ptr.dtype.element_ty), mask=own)
