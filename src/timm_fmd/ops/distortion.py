@@ -43,6 +43,13 @@ authors' release uses. ``std(f)`` is the standard deviation of the whole batch's
 weight step -- so gradients reach ``f`` through the kept elements only. The output is divided by
 the realised kept fraction, distorted elements included, as in the authors' release (the paper's
 "dividing p in the training phase"). Eval mode and ``prob == 0`` return the input object itself.
+
+Two implementations with one semantics. On a CUDA map the common case -- ``lam == 0``, ``steps == 1``, no
+``mask=``, float32/bfloat16/float16 -- runs fused Triton kernels (:mod:`timm_fmd.ops.fused`: 3 kernels forward,
+1 backward, no mask kept for backward, no host synchronisation); everything else, and every CPU map, runs the
+PyTorch code below, the reference the fused path is tested against. The fused path draws its randomness from
+one seed per call taken from torch's generator (same distribution, other numbers than the reference for the same
+seed) and computes ``std(f)`` over every element.
 """
 from __future__ import annotations
 
@@ -278,6 +285,9 @@ def feature_map_distortion(
 
     Returns:
         The distorted map, same shape, dtype and memory format as ``x``.
+
+    On a CUDA device with ``lam == 0``, ``steps == 1`` and no ``mask`` this runs the fused Triton kernels of
+    :mod:`timm_fmd.ops.fused`; otherwise the PyTorch path (see the module docstring).
     """
     if not training or (prob == 0.0 and mask is None):
         check_prob(prob)

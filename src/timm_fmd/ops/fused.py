@@ -25,6 +25,7 @@ ops with fake (shape) implementations.
 """
 import contextlib
 import functools
+import operator
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -321,7 +322,8 @@ def distort(
     next layer. ``report`` (tests) runs the kernels directly, not through the custom ops, and fills the dict with
     what they drew: ``mask``, ``seeds`` (block seed field), ``normal``, ``sigma`` and ``weight_signs``.
     """
-    channels, spatial = xc.shape[1], tuple(xc.shape[2:])
+    # operator.index: under torch.compile with dynamic shapes the kernels' map size is specialised (a guard)
+    channels, spatial = xc.shape[1], tuple(operator.index(n) for n in xc.shape[2:])
     block = block_size is not None
     kh, kw = clamp_block_size(block_size, *spatial) if block else (1, 1)
     table = prob_t = None

@@ -22,7 +22,6 @@ from collections import Counter
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from .noise import generator_kwargs
 
@@ -172,25 +171,31 @@ def element_mask(
     return torch.rand(tuple(shape), device=device, **generator_kwargs(generator)) < prob
 
 
-def _grow(seeds: torch.Tensor, dim: int, block: int) -> torch.Tensor:
-    """Grow each seed along ``dim`` into ``block`` positions (a 1-D binary dilation).
+def _grow(seeds: torch.Tensor, dim: int, block: int, as_bool: bool = False) -> torch.Tensor:
+    """Grow each seed along ``dim`` into ``block`` positions (a 1-D binary dilation), as uint8 (or bool).
 
     ``out[t] = OR_{j < block} seeds[t - j]``. Computed by doubling window widths with shifted ORs,
     about log2(block) byte-wise passes: far cheaper than a max-pool over a float map, which is
-    what dominates per-channel DropBlock on CPU.
+    what dominates per-channel DropBlock on CPU. The zero padding is written by one copy that also converts
+    bool seeds to bytes, and with ``as_bool`` the last OR writes bool: no pass of its own for either
+    conversion.
     """
-    pad = [0, 0] * (seeds.ndim - 1 - dim) + [block - 1, block - 1]
-    acc = F.pad(seeds, pad)
-    width = 1
+    shape = list(seeds.shape)
+    length = shape[dim]
+    shape[dim] = length + 2 * (block - 1)
+    acc = seeds.new_zeros(shape, dtype=torch.uint8)
+    acc.narrow(dim, block - 1, length).copy_(seeds)
+    shifts, width = [], 1
     while 2 * width <= block:
-        n = acc.shape[dim] - width
-        acc = acc.narrow(dim, 0, n) | acc.narrow(dim, width, n)
+        shifts.append(width)
         width *= 2
     if width < block:  # the two windows of ``width`` overlap and together span ``block``
-        shift = block - width
+        shifts.append(block - width)
+    for i, shift in enumerate(shifts):
         n = acc.shape[dim] - shift
-        acc = acc.narrow(dim, 0, n) | acc.narrow(dim, shift, n)
-    return acc
+        last = as_bool and i == len(shifts) - 1
+        acc = (torch.logical_or if last else torch.bitwise_or)(acc.narrow(dim, 0, n), acc.narrow(dim, shift, n))
+    return acc != 0 if as_bool and not shifts else acc
 
 
 def block_mask(
@@ -220,8 +225,8 @@ def grow_blocks(seeds: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Grow each ``True`` of a ``(B, C, H - kh + 1, W - kw + 1)`` seed field into its ``kh x kw`` block.
 
     A seed at ``(i, j)`` covers rows ``i .. i + kh - 1`` and columns ``j .. j + kw - 1``; returns the bool
-    ``(B, C, H, W)`` mask. Grown as uint8 (``F.pad`` has no bool kernel), converted with ``.to()`` and
-    ``!= 0``, never a dtype-reinterpreting ``.view()``: inductor cannot lower a view of a bool tensor.
+    ``(B, C, H, W)`` mask. Grown as uint8 and converted by the copies and ORs themselves, never by a
+    dtype-reinterpreting ``.view()``: inductor on CUDA cannot lower a view of a bool tensor.
     """
-    return _grow(_grow(seeds.to(torch.uint8), 2, kh), 3, kw) != 0
+    return _grow(_grow(seeds, 3, kw), 2, kh, as_bool=True)  # rows last: its ORs read whole rows
 
