@@ -83,7 +83,7 @@ def test_seed_rate_table_interpolation_error(height, width, block_size):
     probs = probs[probs < 1]
     rates = block_seed_rate(probs, height, width, block_size)
     assert rates.dtype == torch.float32 and rates.shape == probs.shape
-    n, w = _coverage_terms(height, width, block_size)
+    n, w = _coverage_terms(height, width, *clamp_block_size(block_size, height, width))
     realised = 1 - (w * (1 - rates.double()[:, None]) ** n).sum(1)
     assert (realised - probs.double()).abs().max().item() < 1e-5
     # the float path (exact host bisection) and the table agree
@@ -93,10 +93,9 @@ def test_seed_rate_table_interpolation_error(height, width, block_size):
 
 
 def test_seed_rate_table_is_cached_per_shape_and_device():
-    a = seed_rate_table(14, 14, 7, torch.device('cpu'))
-    assert a is seed_rate_table(14, 14, 7, torch.device('cpu'))
-    assert seed_rate_table(7, 7, 9, torch.device('cpu')) is seed_rate_table(7, 7, 7, torch.device('cpu'))  # clamped
+    a = seed_rate_table(14, 14, 7, 7, torch.device('cpu'))
+    assert a is seed_rate_table(14, 14, 7, 7, torch.device('cpu'))
     assert a.shape == (RATE_TABLE_SIZE,) and a.dtype == torch.float32
     assert a[0] == 0 and bool((a[1:] > a[:-1]).all())  # s = -log(1 - rate) rises with prob
-    elementwise = seed_rate_table(14, 14, 1, torch.device('cpu'))  # no overlap: rate = prob, s = t exactly
+    elementwise = seed_rate_table(14, 14, 1, 1, torch.device('cpu'))  # no overlap: rate = prob, s = t exactly
     torch.testing.assert_close(elementwise, torch.linspace(0, RATE_TABLE_T_MAX, RATE_TABLE_SIZE))

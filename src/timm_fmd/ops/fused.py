@@ -2,7 +2,7 @@
 
 :func:`timm_fmd.ops.distortion.feature_map_distortion` takes this path when :func:`applies` says so: the map
 is on a CUDA device, Triton imports, and the call is the common case -- ``lam == 0``, ``steps == 1``, no
-user ``mask=``, a float32 / bfloat16 / float16 map of fewer than 2**30 elements, any layout (``NC``, ``NLC``,
+user ``mask=``, a float32 / bfloat16 / float16 map of at most 2**30 elements (int32 offsets), any layout (``NC``, ``NLC``,
 ``NCL``, ``NCHW``, ``NHWC``) and strides, element or block masks, per-channel or shared, approx or exact mode.
 Everything else runs the PyTorch path, which is the reference this path is tested against.
 
@@ -82,8 +82,10 @@ def applies(x: torch.Tensor, *, lam: float, steps: int, mask: Optional[torch.Ten
     """Whether :func:`distort` handles this call (see the module docstring); else the PyTorch reference does."""
     if _override is False or (x.device.type != 'cuda' and not _override):
         return False
+    # int32 offsets in the kernels: the map and the memory span it reads must stay below 2**30 / 2**31
+    span = sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()))
     return (lam == 0 and steps == 1 and mask is None and noise is None and x.dtype in DTYPES
-            and 0 < x.numel() <= MAX_ELEMENTS and _triton_available())
+            and 0 < x.numel() <= MAX_ELEMENTS and span < 2 ** 31 and _triton_available())
 
 
 class _Config(NamedTuple):
@@ -177,13 +179,21 @@ def num_warps(tiles: _Plan) -> int:
     return 8 if tiles.bc * tiles.th * tiles.tw >= 4096 else 4
 
 
+def _table(cfg: _Config, x4: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+    """The seed-rate table when the kernels interpolate a tensor prob in it (cached; inside the ops, so a compiled
+    graph never holds it), else any tensor for the unused pointer."""
+    if cfg.rate_from != 2:
+        return unused
+    return seed_rate_table(x4.shape[2], x4.shape[3], cfg.kh, cfg.kw, x4.device)
+
+
 def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
     return dict(BLOCK=bool(cfg.block), SHARED=bool(cfg.shared), RATE_FROM=cfg.rate_from, TABLE_SIZE=RATE_TABLE_SIZE,
                 BC=tiles.bc, TH=tiles.th, TW=tiles.tw, num_warps=num_warps(tiles))
 
 
-def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], table: Optional[torch.Tensor],
-                  k_max: Optional[torch.Tensor], rate: float, gamma: float, w_factor: float, config: List[int],
+def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
+                  rate: float, gamma: float, w_factor: float, config: List[int],
                   report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import kernels
     cfg = _Config(*config)
@@ -200,7 +210,7 @@ def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
         signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
     with _device_guard(x):
         kernels.fmd_stats_kernel[(tiles.n_tiles, tiles.n_split)](
-            x4, seed, _or(prob, seed), _or(table, stats), parts, g, rate, _T_SCALE, batch, channels, height, width,
+            x4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, g, rate, _T_SCALE, batch, channels, height, width,
             *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact),
             **_mask_args(cfg, tiles))
         kernels.fmd_finalize_kernel[(1,)](
@@ -212,9 +222,8 @@ def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     return stats, coef
 
 
-def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], table: Optional[torch.Tensor],
-                  stats: torch.Tensor, coef: torch.Tensor, rate: float, config: List[int],
-                  report: Optional[dict] = None) -> torch.Tensor:
+def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
+                  coef: torch.Tensor, rate: float, config: List[int], report: Optional[dict] = None) -> torch.Tensor:
     from . import kernels
     cfg = _Config(*config)
     out = torch.empty_like(x)
@@ -231,7 +240,7 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
         reports = [report[k] for k in ('mask', 'seeds', 'normal', 'sigma')]
     with _device_guard(x):
         kernels.fmd_apply_kernel[(tiles.n_tiles, tiles.n_split)](
-            x4, out4, seed, _or(prob, seed), _or(table, stats), stats, coef.contiguous(), *reports,
+            x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), stats, coef.contiguous(), *reports,
             rate, _T_SCALE, float(cfg.window), batch, channels, height, width, *x4.stride(), *out4.stride(),
             tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), REPORT=report is not None,
             **_mask_args(cfg, tiles))
@@ -239,36 +248,35 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
 
 
 @torch.library.custom_op('timm_fmd::fmd_stats', mutates_args=())
-def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], table: Optional[torch.Tensor],
-              k_max: Optional[torch.Tensor], rate: float, gamma: float, w_factor: float,
-              config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
+              rate: float, gamma: float, w_factor: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(stats, coef)``: stats = (std, scale, fraction, gamma * std) float32; coef = approx ``gamma std w_c``
     ``(C,)`` or exact ``G`` ``(C, *spatial)``."""
-    return _launch_stats(x, seed, prob, table, k_max, rate, gamma, w_factor, config)
+    return _launch_stats(x, seed, prob, k_max, rate, gamma, w_factor, config)
 
 
 @_stats_op.register_fake
-def _(x, seed, prob, table, k_max, rate, gamma, w_factor, config):
+def _(x, seed, prob, k_max, rate, gamma, w_factor, config):
     cfg = _Config(*config)
     coef_shape = (x.shape[1],) + (tuple(x.shape[2:]) if cfg.exact else ())
     return x.new_empty(4, dtype=torch.float32), x.new_empty(coef_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op('timm_fmd::fmd_apply', mutates_args=())
-def _apply_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], table: Optional[torch.Tensor],
-              stats: torch.Tensor, coef: torch.Tensor, rate: float, config: List[int]) -> torch.Tensor:
+def _apply_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
+              coef: torch.Tensor, rate: float, config: List[int]) -> torch.Tensor:
     """The distorted map: ``where(m, value, x) * scale`` in x's dtype and memory format."""
-    return _launch_apply(x, seed, prob, table, stats, coef, rate, config)
+    return _launch_apply(x, seed, prob, stats, coef, rate, config)
 
 
 @_apply_op.register_fake
-def _(x, seed, prob, table, stats, coef, rate, config):
+def _(x, seed, prob, stats, coef, rate, config):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op('timm_fmd::fmd_grad', mutates_args=())
-def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], table: Optional[torch.Tensor],
-             stats: torch.Tensor, rate: float, config: List[int], strides: List[int]) -> torch.Tensor:
+def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor, rate: float,
+             config: List[int], strides: List[int]) -> torch.Tensor:
     """``where(m, 0, grad * scale)`` with the mask regenerated from ``seed``; laid out with ``strides``."""
     from . import kernels
     cfg = _Config(*config)
@@ -278,27 +286,27 @@ def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor
     tiles = _plan(dx4, cfg)
     with _device_guard(grad):
         kernels.fmd_grad_kernel[(tiles.n_tiles, tiles.n_split)](
-            g4, dx4, seed, _or(prob, seed), _or(table, stats), stats, rate, _T_SCALE, batch, channels, height, width,
+            g4, dx4, seed, _or(prob, seed), _table(cfg, g4, stats), stats, rate, _T_SCALE, batch, channels, height, width,
             *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw,
             **_mask_args(cfg, tiles))
     return dx
 
 
 @_grad_op.register_fake
-def _(grad, seed, prob, table, stats, rate, config, strides):
+def _(grad, seed, prob, stats, rate, config, strides):
     return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
 
 
 def _setup_context(ctx, inputs, output):
-    x, seed, prob, table, stats, coef, rate, config = inputs
-    ctx.save_for_backward(seed, prob, table, stats)  # the mask is regenerated, never saved
+    x, seed, prob, stats, coef, rate, config = inputs
+    ctx.save_for_backward(seed, prob, stats)  # the mask is regenerated, never saved
     ctx.rate, ctx.config, ctx.strides = rate, config, list(x.stride())
 
 
 def _backward(ctx, grad):
-    seed, prob, table, stats = ctx.saved_tensors
-    dx = _grad_op(grad, seed, prob, table, stats, ctx.rate, ctx.config, ctx.strides)
-    return dx, None, None, None, None, None, None, None
+    seed, prob, stats = ctx.saved_tensors
+    dx = _grad_op(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
+    return dx, None, None, None, None, None, None
 
 
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
@@ -326,13 +334,11 @@ def distort(
     channels, spatial = xc.shape[1], tuple(operator.index(n) for n in xc.shape[2:])
     block = block_size is not None
     kh, kw = clamp_block_size(block_size, *spatial) if block else (1, 1)
-    table = prob_t = None
+    prob_t = None
     rate = 0.0
     if isinstance(prob, torch.Tensor):
         prob_t = prob.to(device=xc.device)
         rate_from = 2 if block else 1
-        if block:
-            table = seed_rate_table(*spatial, block_size, xc.device)
     else:
         rate_from = 0
         rate = block_seed_rate(prob, *spatial, block_size) if block else prob
@@ -348,9 +354,9 @@ def distort(
     seed = torch.randint(0, 2 ** 31 - 1, (1,), device=xc.device, **generator_kwargs(generator))
     stats_fn, apply_fn = (_stats_op, _apply_op) if report is None else (
         functools.partial(_launch_stats, report=report), functools.partial(_launch_apply, report=report))
-    stats, coef = stats_fn(xc.detach(), seed, prob_t, table, k_max, rate, gamma, w_factor, config)
+    stats, coef = stats_fn(xc.detach(), seed, prob_t, k_max, rate, gamma, w_factor, config)
     if exact:
         with torch.autocast(xc.device.type, enabled=False):
             _, coef = rademacher_sup(next_layer, coef)  # D = K[k_hat]^T S[k_hat] (Eq. 14 / 22-24)
-    out = apply_fn(xc, seed, prob_t, table, stats, coef.to(torch.float32), rate, config)
+    out = apply_fn(xc, seed, prob_t, stats, coef.to(torch.float32), rate, config)
     return out, stats[2]

@@ -17,7 +17,6 @@ per-shape table solved on the host once and interpolated on the device (:func:`s
 """
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from typing import Optional, Sequence, Tuple, Union
 
@@ -56,7 +55,7 @@ def block_seed_rate(prob: Union[float, torch.Tensor], height: int, width: int, b
     graph -- is interpolated in a per-shape table on its device (:func:`_seed_rate_tensor`).
     """
     if isinstance(prob, torch.Tensor):
-        return _seed_rate_tensor(prob, height, width, block_size)
+        return _seed_rate_tensor(prob, height, width, *clamp_block_size(block_size, height, width))
     return _cached_seed_rate(prob, height, width, block_size)
 
 
@@ -90,23 +89,22 @@ RATE_TABLE_SIZE = 4096  # grid points of the seed-rate table over t = -log(1 - p
 RATE_TABLE_T_MAX = 17.0  # t of the largest float32 below 1 is 16.6: the grid spans every float32 prob in [0, 1)
 
 
-def _coverage_terms(height: int, width: int, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _coverage_terms(height: int, width: int, kh: int, kw: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(n, w)``: a position covered by ``n`` valid block starts occurs with frequency ``w`` (float64)."""
-    kh, kw = clamp_block_size(block_size, height, width)
     rows, cols = _coverage_counts(height, kh), _coverage_counts(width, kw)
     terms = [(a * b, cr * cc / (height * width)) for a, cr in rows.items() for b, cc in cols.items()]
     return (torch.tensor([t[0] for t in terms], dtype=torch.float64),
             torch.tensor([t[1] for t in terms], dtype=torch.float64))
 
 
-def _solve_log_keep(height: int, width: int, block_size: int) -> torch.Tensor:
+def _solve_log_keep(height: int, width: int, kh: int, kw: int) -> torch.Tensor:
     """``s = -log(1 - rate)`` on the uniform grid of ``t = -log(1 - prob)`` (vectorised bisection, float64).
 
     The expected kept fraction is ``1 - prob = sum_n w_n (1 - rate)^n``, i.e. ``t = -log sum_n w_n exp(-n s)``:
     increasing in ``s`` with ``t / n_max <= s <= t``. In these coordinates ``s(t)`` is nearly linear (exactly
     so for element masks), which is what makes linear interpolation between grid points accurate.
     """
-    n, w = _coverage_terms(height, width, block_size)
+    n, w = _coverage_terms(height, width, kh, kw)
     t = torch.linspace(0.0, RATE_TABLE_T_MAX, RATE_TABLE_SIZE, dtype=torch.float64)
     lo, hi = t / n.max(), t.clone()
     log_w = w.log()
@@ -121,37 +119,41 @@ def _solve_log_keep(height: int, width: int, block_size: int) -> torch.Tensor:
 _RATE_TABLES: dict = {}
 
 
-@torch.compiler.assume_constant_result  # a constant of the trace: built on the host once per shape and device
-def seed_rate_table(height: int, width: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """The seed-rate table of a map and block: float32 ``(RATE_TABLE_SIZE,)`` values of ``s = -log(1 - rate)``.
+def seed_rate_table(height: int, width: int, kh: int, kw: int, device: torch.device) -> torch.Tensor:
+    """The seed-rate table of a map and a (clamped) ``kh x kw`` block: float32 ``(RATE_TABLE_SIZE,)`` values of
+    ``s = -log(1 - rate)``.
 
     Entry ``i`` belongs to ``t_i = i * RATE_TABLE_T_MAX / (RATE_TABLE_SIZE - 1)`` with ``t = -log(1 - prob)``.
-    Solved once per ``(height, width, block)`` on the host and uploaded once per device (cached).
+    Solved once per shape on the host and uploaded once per device (cached). Read it outside traced code
+    (the custom ops below and the fused kernels' ops do): a compiled graph never holds it.
     """
-    kh, kw = clamp_block_size(block_size, height, width)
     key = (height, width, kh, kw, torch.device(device))
     table = _RATE_TABLES.get(key)
     if table is None:
-        table = _RATE_TABLES[key] = _solve_log_keep(height, width, block_size).to(torch.float32).to(device)
+        table = _RATE_TABLES[key] = _solve_log_keep(height, width, kh, kw).to(torch.float32).to(device)
     return table
 
 
-def _seed_rate_tensor(prob: torch.Tensor, height: int, width: int, block_size: int) -> torch.Tensor:
-    """The seed rate for a tensor ``prob`` (any shape), linearly interpolated in :func:`seed_rate_table` (no synchronisation).
+@torch.library.custom_op('timm_fmd::block_seed_rate', mutates_args=())
+def _seed_rate_tensor(prob: torch.Tensor, height: int, width: int, kh: int, kw: int) -> torch.Tensor:
+    """The seed rate for a tensor ``prob`` (any shape), linearly interpolated in :func:`seed_rate_table`.
 
-    A handful of element-wise ops on a 0-dim tensor (one kernel under ``torch.compile``). The interpolation
-    error, as an error of the expected realised fraction, stays below 1e-5 at every grid point and between
-    them (``tests/ops/test_masks.py``).
+    A handful of element-wise ops on the device, no synchronisation; a custom op, so that ``torch.compile``
+    sees one opaque op and no table constant. The interpolation error, as an error of the expected realised
+    fraction, stays below 1e-5 at every grid point and between them (``tests/ops/test_masks.py``).
     """
-    # operator.index: under torch.compile with dynamic shapes it specialises the graph to the map size (a guard);
-    # int() would not be traced
-    table = seed_rate_table(operator.index(height), operator.index(width), block_size, prob.device)
+    table = seed_rate_table(height, width, kh, kw, prob.device)
     t = -torch.log1p(-prob.to(torch.float32))
     pos = (t * ((RATE_TABLE_SIZE - 1) / RATE_TABLE_T_MAX)).clamp(0, RATE_TABLE_SIZE - 1)
     base = pos.floor().clamp(max=RATE_TABLE_SIZE - 2)
     pair = table[base.to(torch.int64)[..., None] + torch.arange(2, device=prob.device)]
     log_keep = torch.lerp(pair[..., 0], pair[..., 1], pos - base)
     return (-torch.expm1(-log_keep)).to(prob.dtype)
+
+
+@_seed_rate_tensor.register_fake
+def _(prob, height, width, kh, kw):
+    return torch.empty_like(prob)
 
 
 def expected_block_fraction(rate: float, height: int, width: int, block_size: int) -> float:

@@ -1,16 +1,13 @@
-"""The fused path's tests run its Triton kernels on CPU tensors through Triton's interpreter.
+"""The fused path's tests: interpreter tests (``@pytest.mark.interpreter``) run its Triton kernels on CPU tensors.
 
-``TRITON_INTERPRET`` must be set before ``triton.jit`` decorates the kernels, i.e. before
-``timm_fmd.ops.kernels`` is first imported (the op imports it lazily, at the first fused call). On a machine
-with CUDA the interpreter is left off: there the ``cuda``-marked tests run the compiled kernels instead.
+``TRITON_INTERPRET=1`` is set by ``tests/conftest.py`` where there is no CUDA device (it must be set before
+triton is imported). Where CUDA is available the interpreter stays off and the ``cuda``-marked tests run the
+compiled kernels instead, so the interpreter tests are skipped there.
 """
 import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ['TRITON_INTERPRET'] = '1'
 
 try:
     import triton  # noqa: F401
