@@ -25,6 +25,7 @@ ops with fake (shape) implementations.
 """
 import contextlib
 import functools
+import importlib.util
 import operator
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
@@ -69,13 +70,7 @@ def disabled():
     return _overridden(False)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_HAVE_TRITON = importlib.util.find_spec('triton') is not None  # without importing it (it is imported lazily)
 
 
 def applies(x: torch.Tensor, *, lam: float, steps: int, mask: Optional[torch.Tensor], noise) -> bool:
@@ -85,7 +80,7 @@ def applies(x: torch.Tensor, *, lam: float, steps: int, mask: Optional[torch.Ten
     # int32 offsets in the kernels: the map and the memory span it reads must stay below 2**30 / 2**31
     span = sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()))
     return (lam == 0 and steps == 1 and mask is None and noise is None and x.dtype in DTYPES
-            and 0 < x.numel() <= MAX_ELEMENTS and span < 2 ** 31 and _triton_available())
+            and 0 < x.numel() <= MAX_ELEMENTS and span < 2 ** 31 and _HAVE_TRITON)
 
 
 class _Config(NamedTuple):
