@@ -68,7 +68,8 @@ def test_element_mask():
     assert abs(mask.float().mean().item() - 0.25) < 0.012
 
 
-@pytest.mark.parametrize('height,width,block_size', [(14, 14, 7), (56, 56, 7), (9, 8, 4), (28, 28, 9), (7, 7, 7), (112, 112, 3)])
+@pytest.mark.parametrize('height,width,block_size',
+                         [(14, 14, 7), (56, 56, 7), (9, 8, 4), (28, 28, 9), (7, 7, 7), (112, 112, 3)])
 def test_seed_rate_table_interpolation_error(height, width, block_size):
     """A tensor prob reads its seed rate from a table over t = -log(1 - prob), linearly interpolated.
 

@@ -2,9 +2,9 @@
 
 :func:`timm_fmd.ops.distortion.feature_map_distortion` takes this path when :func:`applies` says so: the map
 is on a CUDA device, Triton imports, and the call is the common case -- ``lam == 0``, ``steps == 1``, no
-user ``mask=``, a float32 / bfloat16 / float16 map of at most 2**30 elements (int32 offsets), any layout (``NC``, ``NLC``,
-``NCL``, ``NCHW``, ``NHWC``) and strides, element or block masks, per-channel or shared, approx or exact mode.
-Everything else runs the PyTorch path, which is the reference this path is tested against.
+user ``mask=``, a float32 / bfloat16 / float16 map of at most 2**30 elements (int32 offsets), any layout
+(``NC``, ``NLC``, ``NCL``, ``NCHW``, ``NHWC``) and strides, element or block masks, per-channel or shared,
+approx or exact mode. Everything else runs the PyTorch path, which is the reference this path is tested against.
 
 What differs from the reference, by design:
 
@@ -281,8 +281,8 @@ def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor
     tiles = _plan(dx4, cfg)
     with _device_guard(grad):
         kernels.fmd_grad_kernel[(tiles.n_tiles, tiles.n_split)](
-            g4, dx4, seed, _or(prob, seed), _table(cfg, g4, stats), stats, rate, _T_SCALE, batch, channels, height, width,
-            *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw,
+            g4, dx4, seed, _or(prob, seed), _table(cfg, g4, stats), stats, rate, _T_SCALE, batch, channels, height,
+            width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw,
             **_mask_args(cfg, tiles))
     return dx
 

@@ -19,7 +19,8 @@ from . import kernels
 from .fused import num_warps, plan
 from .masks import RATE_TABLE_SIZE
 
-SHAPES = [(32, 1024, 14, 14), (32, 2048, 7, 7), (64, 64, 32, 32), (64, 256, 56, 56), (64, 768, 1, 197)]  # the last: ViT tokens (B, N, C) in canonical (B, C, 1, N)
+# the last: ViT tokens (B, N, C) in canonical (B, C, 1, N)
+SHAPES = [(32, 1024, 14, 14), (32, 2048, 7, 7), (64, 64, 32, 32), (64, 256, 56, 56), (64, 768, 1, 197)]
 
 
 def _signature(fn, types: Dict[str, str], constexprs: Dict[str, object]) -> Dict[str, str]:
@@ -101,8 +102,8 @@ def main() -> None:
     print(f'triton {triton.__version__}, sm_90, bf16 channels_last, block 7, tiles from fused.plan')
     print(f"{'kernel':<14} | {'shape':<20} | {'tile (C,H,W)':<14} | warps | regs | spill st | spill ld")
     for r in kernel_resources():
-        print(f"{r['kernel']:<14} | {str(r['shape']):<20} | {str(r['tile']):<14} | {r['warps']:5d} | {r['registers']:4d} | "
-              f"{r['spill_stores']:8d} | {r['spill_loads']:8d}")
+        print(f"{r['kernel']:<14} | {str(r['shape']):<20} | {str(r['tile']):<14} | {r['warps']:5d} | "
+              f"{r['registers']:4d} | {r['spill_stores']:8d} | {r['spill_loads']:8d}")
 
 
 if __name__ == '__main__':

@@ -66,7 +66,9 @@ def _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC: tl.constexpr, TH: tl.constexpr,
     c = ct * BC + tl.arange(0, BC)[:, None, None]
     h = hs + tl.arange(0, TH)[None, :, None]
     w = ws + tl.arange(0, TW)[None, None, :]
-    own = (c < C) & (h >= hs + tl.where(ht > 0, KH - 1, 0)) & (h < H) & (w >= ws + tl.where(wt > 0, KW - 1, 0)) & (w < W)
+    own_h = (h >= hs + tl.where(ht > 0, KH - 1, 0)) & (h < H)
+    own_w = (w >= ws + tl.where(wt > 0, KW - 1, 0)) & (w < W)
+    own = (c < C) & own_h & own_w
     return c, h, w, own
 
 
