@@ -62,7 +62,7 @@ import torch.nn as nn
 from . import fused
 from .erc import rademacher_sup
 from .masks import block_mask, block_seed_rate, element_mask, expected_block_fraction
-from .next_layer import NextLayer
+from .next_layer import NO_NEXT_LAYER_WEIGHT, ONE_BY_ONE_FACTOR, NextLayer
 from .noise import DrawnNoise, GivenNoise
 from .positions import flat, positions
 from .schedule import LinearRamp
@@ -72,8 +72,6 @@ __all__ = ['feature_map_distortion', 'FeatureMapDistortion', 'BlockFeatureMapDis
 
 LAYOUTS = ('NC', 'NLC', 'NCL', 'NCHW', 'NHWC')
 _DEFAULT_LAYOUT = {2: 'NC', 3: 'NLC', 4: 'NCHW'}
-NO_NEXT_LAYER_WEIGHT = 0.01  # the authors' release, when no next layer is known
-ONE_BY_ONE_FACTOR = 0.1  # the authors' release, for a 1x1 next convolution
 
 NextLayerLike = Union[nn.Module, torch.Tensor, NextLayer, None]
 

@@ -33,6 +33,7 @@ import torch
 
 from .erc import rademacher_sup
 from .masks import RATE_TABLE_SIZE, RATE_TABLE_T_MAX, block_seed_rate, clamp_block_size, seed_rate_table
+from .next_layer import NO_NEXT_LAYER_WEIGHT, ONE_BY_ONE_FACTOR
 from .noise import generator_kwargs
 
 __all__ = ['applies', 'distort', 'forced', 'disabled', 'plan', 'MAX_ELEMENTS']
@@ -42,8 +43,6 @@ TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (8 warp
 INTERPRET_TILE_ELEMENTS = 1 << 16  # the interpreter costs ~50 ms per program whatever its size: few, large tiles
 PROGRAMS_PER_SM = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ONE_BY_ONE_FACTOR = 0.1  # as distortion.ONE_BY_ONE_FACTOR / NO_NEXT_LAYER_WEIGHT (kept below the op: no import up)
-NO_NEXT_LAYER_WEIGHT = 0.01
 _T_SCALE = (RATE_TABLE_SIZE - 1) / RATE_TABLE_T_MAX
 
 _override: Optional[bool] = None  # None: CUDA maps only; True: CPU maps too (interpreter); False: never
