@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from timm_fmd.train import TrainConfig
-from timm_fmd.train.data import (EpochSampler, SampleDataset, build_loaders, build_splits, build_transforms, collate,
+from timm_fmd.train.data import (DataError, EpochSampler, SampleDataset, build_loaders, build_splits, build_transforms, collate,
                                  digits_root)
 
 from .conftest import make_image_folder
@@ -95,13 +95,37 @@ def test_corrupt_image_error_or_counted_skip(tmp_path):
     bad.write_bytes(b'not a png')
     splits = build_splits(TrainConfig(data_dir=str(root)))
     dataset = SampleDataset(splits.train_reader, splits.train_indices, T.ToTensor())
-    with pytest.raises(ValueError, match=r"unreadable image '.*square/001.png'.*--skip-corrupt"):
+    with pytest.raises(DataError, match=r"cannot decode image '.*square/001.png'.*--skip-corrupt\)$"):
         dataset.__getitems__([(i, 0) for i in range(6)])
     dataset.skip_corrupt = True
     x, y, skipped = collate(dataset.__getitems__([(i, 0) for i in range(6)]))
     assert x.shape == (5, 3, 16, 16) and len(y) == 5 and skipped == [str(bad)]
-    with pytest.raises(ValueError, match='every image of a batch is unreadable'):
+    with pytest.raises(DataError, match='every image of a batch is unreadable'):
         collate(dataset.__getitems__([(3, 0)]))
+
+
+def test_a_worker_error_arrives_as_its_own_one_line_message(tmp_path):
+    """torch rebuilds a worker's exception from text holding the whole worker traceback; ours comes first."""
+    root = make_image_folder(tmp_path, {'train': 2, 'val': 1})
+    (root / 'train' / 'circle' / '000.png').write_bytes(b'not a png')
+    cfg = TrainConfig(data_dir=str(root), batch_size=2, workers=1)
+    loaders = build_loaders(cfg, build_splits(cfg), build_transforms(cfg, DATA_CONFIG))
+    with pytest.raises(DataError) as raised:
+        list(loaders.train)
+    message = str(raised.value)
+    assert '\n' not in message and message.startswith("cannot decode image '") and 'circle/000.png' in message
+    assert message.endswith('(fix or remove it, or pass --skip-corrupt) [in DataLoader worker process 0]')
+    assert 'Traceback (most recent call last)' in raised.value.worker_traceback
+
+
+def test_images_of_any_mode_reach_the_model_as_faithful_rgb(tmp_path):
+    """A 16-bit grayscale PNG in the data folder: v / 257 in every channel, not PIL's clipped 255."""
+    root = make_image_folder(tmp_path, {'train': 1, 'val': 1})
+    values = np.array([[1799, 57311], [0, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(root / 'train' / 'circle' / '000.png')
+    splits = build_splits(TrainConfig(data_dir=str(root)))
+    img, target = SampleDataset(splits.train_reader, splits.train_indices, T.PILToTensor())[(0, 0)]
+    assert target == 0 and img.tolist() == [[[7, 223], [0, 255]]] * 3
 
 
 def test_epoch_sampler_order_shards_and_resume():
