@@ -117,7 +117,7 @@ def _reader(path: Path, class_map: Optional[Dict[str, int]] = None) -> Any:
     if path.is_dir():
         empty = sorted(set(classes) - set(_class_map(reader)))
         if empty:
-            raise ValueError(f'class folder(s) with no images in {path}: {empty}')
+            raise ValueError(f'class folder(s) with no images in {path}: {empty} (add images to them or remove them)')
     if len(reader) == 0:
         raise ValueError(f'data split {path} holds no images')
     return reader
