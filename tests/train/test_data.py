@@ -5,13 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from timm_fmd.train import TrainConfig
-from timm_fmd.train.data import (DataError, EpochSampler, SampleDataset, build_loaders, build_splits, build_transforms, collate,
-                                 digits_root)
+from timm_fmd.train.data import (DataError, EpochSampler, SampleDataset, build_loaders, build_splits, build_transforms,
+                                 collate, digits_root, loaders_for_model)
 
 from .conftest import make_image_folder
 
@@ -179,7 +180,7 @@ def test_loader_batches_do_not_depend_on_workers(tiny_data):
 
 
 def test_transforms(tiny_data):
-    cfg = TrainConfig(crop_pad=4, rotate=15.0, hflip=0.5)
+    cfg = TrainConfig(train_crop_mode='pad', crop_pad=4, rotate=15.0, hflip=0.5)
     train_tf, eval_tf = build_transforms(cfg, DATA_CONFIG)
     names = [type(t).__name__ for t in train_tf.transforms]
     assert names[:5] == ['Resize', 'CenterCrop', 'RandomCrop', 'RandomHorizontalFlip', 'RandomRotation']
@@ -202,3 +203,19 @@ def test_cifar10_tar_finds_its_test_split():
     assert splits.label_names == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                                   'truck']
     assert (splits.info['val_split'], splits.info['train_size'], splits.info['val_size']) == ('test', 50000, 10000)
+
+
+def test_without_a_recipe_the_transforms_are_the_models_own(tiny_data):
+    """--data-dir with no --config: test_efficientnet's pretrained_cfg (160 px, bicubic, crop 0.95, ImageNet
+    mean/std) decides the input, as timm.data.resolve_model_data_config gives it to inference code."""
+    cfg = TrainConfig(data_dir=str(tiny_data), model='test_efficientnet', batch_size=4, workers=0)
+    model = timm.create_model('test_efficientnet', num_classes=3)
+    loaders = loaders_for_model(cfg, build_splits(cfg), model)
+    assert loaders.data_config == dict(input_size=(3, 160, 160), interpolation='bicubic', mean=(0.485, 0.456, 0.406),
+                                       std=(0.229, 0.224, 0.225), crop_pct=0.95, crop_mode='center')
+    assert loaders.data_config == timm.data.resolve_model_data_config(model)
+    x, _, _ = next(iter(loaders.val))
+    assert x.shape == (4, 3, 160, 160)
+    eval_tf = loaders.val.dataset.transform
+    assert [type(t).__name__ for t in eval_tf.transforms][:2] == ['Resize', 'CenterCrop']
+    assert eval_tf.transforms[0].size == 168 and eval_tf.transforms[1].size == (160, 160)  # 160 / 0.95
