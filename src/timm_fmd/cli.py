@@ -144,7 +144,13 @@ def describe(args: argparse.Namespace) -> int:
          arg('--commit-message', help='commit message'),
          arg('--baseline', help='baseline RUN_DIR whose results are shown beside this run\'s in the card'),
          arg('--license', default='apache-2.0', help='licence of the weights in the card'),
-         arg('--dataset', help='dataset id for the card metadata'),
+         arg('--dataset', help='the Hugging Face Hub id of the data set (e.g. uoft-cs/cifar10, checked against the '
+                               'Hub when pushing): listed in the card\'s metadata and naming the data in the '
+                               'published files. Default: no data set in the metadata, the data named "a local '
+                               'image folder" (or "digits", the embedded set); local paths are never published'),
+         arg('--allow', action='append', default=[], metavar='TEXT',
+             help='a string the leak check may publish after all, e.g. a class name equal to your user name '
+                  '(repeatable)'),
          arg('--overwrite', action='store_true', help='replace a non-empty --out-dir'))
 def publish(args: argparse.Namespace) -> int:
     # The token comes from HF_TOKEN or the login cache only: no --token flag to leak into `ps` output.
@@ -152,7 +158,8 @@ def publish(args: argparse.Namespace) -> int:
     try:
         print(publish_run(args.source, args.repo_id, out_dir=args.out_dir, private=args.private,
                           revision=args.revision, commit_message=args.commit_message, baseline=args.baseline,
-                          license=args.license, dataset=args.dataset, overwrite=args.overwrite))
+                          license=args.license, dataset=args.dataset, overwrite=args.overwrite,
+                          allow=args.allow))
     except (PublishError, FileExistsError) as e:
         print(f'timm-fmd publish: error: {e}', file=sys.stderr)
         return 1

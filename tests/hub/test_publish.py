@@ -53,8 +53,9 @@ def test_dry_run_folder_loads_in_plain_timm(make_run, tmp_path):
     assert config['label_names'] == LABELS and config['model_args']['num_classes'] == len(LABELS)
     assert config['fmd'] == {'model': f'fmd_{ARCH}', 'settings': FMD, 'global_steps': 60}
     assert config['pretrained_cfg']['input_size'] == [3, 32, 32] and config['pretrained_cfg']['std'] == [0.25] * 3
+    # a run that names no local path is published as it is
     assert (out / 'train_config.yaml').read_text() == (run_dir / 'config.yaml').read_text()
-    assert (out / 'results.json').read_text() == (run_dir / 'results.json').read_text()
+    assert json.loads((out / 'results.json').read_text()) == json.loads((run_dir / 'results.json').read_text())
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     _assert_same_weights(model, _weights(run_dir))
     assert model.pretrained_cfg['label_names'] == LABELS and model.pretrained_cfg['mean'] == [0.5] * 3
@@ -89,7 +90,7 @@ def test_failed_save_leaves_nothing(make_run, tmp_path):
 def test_round_trip_through_the_hub(hub, make_run):
     run_dir = make_run()
     results = json.loads((run_dir / 'results.json').read_text())
-    commit = push_to_hub(run_dir, REPO)
+    commit = push_to_hub(run_dir, REPO, dataset='uoft-cs/cifar10')
     assert commit.commit_url == f'{hub.url}/{REPO}/commit/{commit.oid}'
     assert hub.calls(f'/api/models/{REPO}/commit/main', 'POST') == 1  # one commit
     assert sorted(huggingface_hub.list_repo_files(REPO)) == sorted(['.gitattributes', *REPO_FILES])
