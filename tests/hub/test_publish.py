@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from safetensors.torch import load_file
 
-from timm_fmd.hub import PublishError, load_fmd_settings, publish, push_to_hub, save_pretrained
+from timm_fmd.hub import PublishError, load_fmd_settings, publish, push_to_hub, read_run, save_pretrained
 from timm_fmd.hub.publish import REPO_FILES
 
 from .conftest import ARCH, FMD, LABELS
@@ -226,3 +226,12 @@ def test_trained_run_round_trip_restores_fmd(hub, trained_run, tmp_path):
         assert timm_fmd.current_prob(model) == pytest.approx(results['fmd']['prob'])  # the ramp had finished
     overridden = timm_fmd.create_model(f'hf-hub:{repo}', pretrained=True, fmd_prob=0.05)
     assert timm_fmd.fmd_settings(overridden).prob == 0.05
+
+
+def test_a_published_folder_is_published_again_unchanged(make_run, tmp_path):
+    """read_run takes a folder save_pretrained wrote (e.g. to render it with a newer card): in place, same files."""
+    folder = save_pretrained(make_run(), tmp_path / 'tiny', repo_id=REPO, dataset='uoft-cs/cifar10')
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert read_run(folder).weights == 'best.safetensors' and read_run(folder).checkpoint == folder / 'model.safetensors'
+    save_pretrained(folder, folder, repo_id=REPO, dataset='uoft-cs/cifar10')
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

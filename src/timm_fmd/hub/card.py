@@ -20,10 +20,10 @@ import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['RunRecord', 'read_run', 'evaluated_metrics', 'model_stats', 'model_card']
+from .stats import model_stats
+
+__all__ = ['RunRecord', 'read_run', 'evaluated_metrics', 'model_card']
 
 TAGS = ['image-classification', 'timm', 'feature-map-distortion']
 RESULTS_KEYS = ('model', 'architecture', 'pretrained', 'num_classes', 'label_names', 'model_kwargs', 'fmd', 'data',
@@ -51,19 +51,28 @@ EXAMPLE_IMAGE = 'https://huggingface.co/datasets/huggingface/documentation-image
 
 @dataclass(frozen=True)
 class RunRecord:
-    """A finished training run: its directory, the checkpoint to publish, and its parsed files."""
+    """A finished training run: its directory, the checkpoint to publish, and its parsed files.
+
+    ``weights`` is the checkpoint's name in the run (``best.safetensors`` or ``last.safetensors``): it says
+    which results describe the published weights, also when they come from a published folder."""
     run_dir: Path
     checkpoint: Path
     results: dict[str, Any]
     config_text: str
+    weights: str
 
 
 def read_run(source: str | os.PathLike) -> RunRecord:
-    """Read a RUN_DIR, or a ``.safetensors`` checkpoint inside one (``RUN_DIR/checkpoints/*.safetensors``).
+    """Read a RUN_DIR, a ``.safetensors`` checkpoint inside one (``RUN_DIR/checkpoints/*.safetensors``), or a
+    repository folder ``save_pretrained`` wrote (to publish it again, e.g. with a newer card).
 
     A directory publishes the checkpoint named by ``results.json["checkpoint"]``.
     """
     path = Path(source)
+    if path.is_dir() and (path / 'train_config.yaml').is_file() and (path / 'model.safetensors').is_file():
+        results = _read_results(path)
+        return RunRecord(path, path / 'model.safetensors', results, (path / 'train_config.yaml').read_text(),
+                         Path(results['checkpoint']).name)
     if path.is_file():
         if path.suffix != '.safetensors':
             raise ValueError(f'source must be a run directory or a .safetensors checkpoint in one, got {str(path)!r}')
@@ -75,57 +84,29 @@ def read_run(source: str | os.PathLike) -> RunRecord:
     missing = [n for n in ('results.json', 'config.yaml') if not (run_dir / n).is_file()]
     if missing:
         raise ValueError(f'{str(run_dir)!r} is not a finished training run: it has no {" or ".join(missing)}')
-    results = json.loads((run_dir / 'results.json').read_text())
-    missing = [k for k in RESULTS_KEYS if k not in results]
-    if missing:
-        raise ValueError(f'{run_dir / "results.json"} lacks the keys {missing} of the run directory contract')
+    results = _read_results(run_dir)
     checkpoint = path if path.is_file() else run_dir / results['checkpoint']
     if not checkpoint.is_file():
         raise ValueError(f'checkpoint {str(checkpoint)!r} named by results.json does not exist')
-    return RunRecord(run_dir, checkpoint, results, (run_dir / 'config.yaml').read_text())
+    return RunRecord(run_dir, checkpoint, results, (run_dir / 'config.yaml').read_text(), checkpoint.name)
+
+
+def _read_results(folder: Path) -> dict[str, Any]:
+    results = json.loads((folder / 'results.json').read_text())
+    missing = [k for k in RESULTS_KEYS if k not in results]
+    if missing:
+        raise ValueError(f'{folder / "results.json"} lacks the keys {missing} of the run directory contract')
+    return results
 
 
 def evaluated_metrics(run: RunRecord) -> dict[str, Any] | None:
     """Validation metrics of exactly the weights published: ``best`` for best.safetensors, ``final`` for
     last.safetensors. None when those weights were not evaluated (no validation, or another checkpoint)."""
     by_file = {'best.safetensors': run.results['best'], 'last.safetensors': run.results['final']}
-    record = by_file.get(run.checkpoint.name)
+    record = by_file.get(run.weights)
     if not record or record.get('val_top1') is None:
         return None
     return {k: record.get(k) for k in ('epoch', 'val_top1', 'val_top5', 'val_loss')}
-
-
-class _ActivationCounter(TorchDispatchMode):
-    """Counts output elements of convolutions and matrix products: the 'Activations (M)' of timm's model cards
-    (fvcore's activation count, which timm's benchmark script reports)."""
-    _OPS = {torch.ops.aten.convolution, torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in self._OPS:
-            self.count += out.numel()
-        return out
-
-
-def model_stats(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
-    """Parameters (M), GMACs and activations (M) for one image of ``input_size`` (C, H, W), and the shape of the
-    unpooled features. MACs are half of ``FlopCounterMode``'s FLOPs (a multiply-add counts two FLOPs there)."""
-    was_training = model.training
-    flop_counter, activation_counter = FlopCounterMode(display=False), _ActivationCounter()
-    try:
-        with torch.no_grad(), flop_counter, activation_counter:
-            features = model.eval().forward_features(torch.zeros(1, *input_size))
-            model.forward_head(features)
-    finally:
-        model.train(was_training)
-    return {'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-            'gmacs': flop_counter.get_total_flops() / 2e9,
-            'activations_m': activation_counter.count / 1e6,
-            'features_shape': tuple(features.shape)}
 
 
 def _feature_shapes(run: RunRecord) -> list[tuple[int, ...]] | None:
@@ -254,7 +235,7 @@ def _training(run: RunRecord, data_text: str) -> str:
         f"- **Schedule:** {r['epochs']} epochs, {r['global_steps']} optimiser steps, batch size {r['batch_size']}, "
         f"seed {r['seed']}",
         f"- **Initialisation:** {r['pretrained'] or 'random (trained from scratch)'}",
-        f"- **Published weights:** `{run.checkpoint.name}` ({r.get('evaluated_weights', 'model')} weights)",
+        f"- **Published weights:** `{run.weights}` ({r.get('evaluated_weights', 'model')} weights)",
         f"- **Training hardware:** {_hardware(r)}",
         f"- **Training time:** {_duration(r)}",
     ]
@@ -299,7 +280,7 @@ def _results(run: RunRecord, baseline: RunRecord | None) -> str:
     runs = [('this model', run)] + ([('baseline', baseline)] if baseline else [])
     metrics = [evaluated_metrics(r) for _, r in runs]
     if metrics[0] is None:
-        return (f'The published weights (`{run.checkpoint.name}`) have no validation evaluation in this run\'s '
+        return (f'The published weights (`{run.weights}`) have no validation evaluation in this run\'s '
                 'results.json, so no accuracy is reported.\n')
     rows = [
         ('FMD', [('yes' if r.results['fmd'] else 'no') for _, r in runs]),
