@@ -215,6 +215,8 @@ def test_trained_run_round_trip_restores_fmd(hub, trained_run, tmp_path):
     plain = timm.create_model(f'hf-hub:{repo}', pretrained=True)
     _assert_same_weights(plain, _weights(trained_run))
     assert timm_fmd.fmd_ops(plain) == []  # plain timm: inference only, no FMD
+    # the run's classes, not those of cifar_resnet20's default tag (CIFAR-10, also 10 classes)
+    assert plain.pretrained_cfg['label_names'] == results['label_names'] == [str(d) for d in range(10)]
     for name in (f'hf-hub:{repo}', f'hf-hub:{repo}@{first.oid}',
                  f'local-dir:{save_pretrained(trained_run, tmp_path / "folder")}'):
         model = timm_fmd.create_model(name, pretrained=True)

@@ -265,8 +265,8 @@ def _intended_use(run: RunRecord, data_text: str) -> str:
     n, (_, h, w) = r['num_classes'], data['input_size']
     split = ('a validation split carved from its training images' if data.get('val_split') == 'carved'
              else f"the {data.get('val_split')} split")
-    return f"""- **Intended use:** classifying images into the {n} classes above, images like those it was trained on
-  ({data_text}), at {h} x {w} through the model's own transforms (see Model Usage); or as a backbone to fine-tune.
+    return f"""- **Intended use:** classifying images like those it was trained on into the {n} classes above, at
+  {h} x {w} through the model's own transforms (see Model Usage); or as a backbone to fine-tune.
 - **Out of scope:** images of other classes (there is no "none of these" output: every image gets one of the {n}
   classes), and decisions with consequences for people: the model was not evaluated for them.
 - **Limitations:** its accuracy was measured on {data.get('val_size')} images of {split} of the same data; images
@@ -324,7 +324,8 @@ def model_card(run: RunRecord, model: nn.Module, model_id: str, *, license: str 
                   else None)
     card_data = ModelCardData(
         library_name='timm', license=license, tags=TAGS, pipeline_tag='image-classification',
-        datasets=[dataset] if dataset else None, metrics=['accuracy'], model_name=name, base_model=base_model,
+        datasets=[dataset] if dataset else None, metrics=['accuracy'], base_model=base_model,
+        model_name=name if metrics and dataset else None,  # the model-index's name; nothing without one
         eval_results=_eval_results(metrics, dataset, data.get('val_split')) if metrics and dataset else None)
     regularizer = 'Feature Map Distortion (FMD)' if r['fmd'] else 'no Feature Map Distortion (a baseline)'
     package = _registering_package(r['architecture'])

@@ -115,7 +115,8 @@ def _write_repo_folder(run: RunRecord, folder: Path, model_id: str, license: str
     results, data = run.results, run.results['data']
     model = build_model(run)
     data_config = {k: data[k] for k in ('input_size', 'mean', 'std', 'interpolation', 'crop_pct') if data.get(k)}
-    pretrained_cfg = {'tag': None, 'license': license,
+    # label_names: the run's classes (timm would keep the architecture's default cfg's when the class count matches)
+    pretrained_cfg = {'tag': None, 'license': license, 'label_names': results['label_names'],
                       'description': f"{results['architecture']} trained on {data['name']} with timm-fmd"}
     if results['fmd']:
         pretrained_cfg.update(paper_ids='arXiv:2002.11022',
