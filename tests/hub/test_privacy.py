@@ -9,26 +9,16 @@ import timm
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from PIL import Image
 from safetensors.torch import save_file
 
 from timm_fmd import cli
 from timm_fmd.hub import PublishError, push_to_hub, save_pretrained
 from timm_fmd.hub.privacy import Private, find_leaks, private_strings
 
+from .conftest import make_image_folder
 from .hub_server import ORGS
 
 REPO = f'{ORGS[0]}/private-data'
-
-
-def make_image_folder(root: Path, per_split: dict) -> Path:
-    """``root/<split>/<class>/NNN.png``: 16x16 images of three flat colours."""
-    for split, n in per_split.items():
-        for c, colour in (('circle', (200, 30, 30)), ('square', (30, 200, 30)), ('stripes', (30, 30, 200))):
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.new('RGB', (16, 16), tuple(v + 5 * i for v in colour)).save(root / split / c / f'{i:03d}.png')
-    return root
 
 
 @pytest.fixture

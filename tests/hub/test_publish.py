@@ -15,7 +15,7 @@ from timm_fmd.hub import PublishError, load_fmd_settings, publish, push_to_hub, 
 from timm_fmd.hub.publish import REPO_FILES
 
 from .conftest import ARCH, FMD, LABELS
-from .hub_server import ORGS
+from .hub_server import ORGS, TOKEN
 
 REPO = f'{ORGS[0]}/tiny-fmd'
 FMD_KWARGS = {f'fmd_{k}': tuple(v) if isinstance(v, list) else v for k, v in FMD.items()}
@@ -156,9 +156,21 @@ def test_server_error_on_commit(hub, make_run, private_tmp):
 
 def test_missing_token(hub, make_run, monkeypatch, private_tmp):
     monkeypatch.delenv('HF_TOKEN')
-    with pytest.raises(PublishError, match='no Hugging Face token'):
+    with pytest.raises(PublishError, match=r'no Hugging Face token .*: set HF_TOKEN or run `hf auth login`'):
         push_to_hub(make_run(), REPO)
     assert hub.log == [] and _listing(private_tmp) == []
+    monkeypatch.setenv('HF_TOKEN', TOKEN)  # the advice
+    assert push_to_hub(make_run('again'), REPO).oid
+
+
+def test_overwrite_advice_from_the_command_line(make_run, tmp_path, capsys):
+    from timm_fmd import cli
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'folder' / 'notes.txt').write_text('mine')
+    args = ['publish', str(make_run()), '--out-dir', str(tmp_path / 'folder')]
+    assert cli.main(args) == 1
+    assert 'pass --overwrite (Python: overwrite=True) to replace it' in capsys.readouterr().err
+    assert cli.main(args + ['--overwrite']) == 0  # the advice
 
 
 @pytest.mark.parametrize('token, repo_id, message', [
@@ -237,3 +249,19 @@ def test_a_published_folder_is_published_again_unchanged(make_run, tmp_path):
     assert read_run(folder).weights == 'best.safetensors' and read_run(folder).checkpoint == folder / 'model.safetensors'
     save_pretrained(folder, folder, repo_id=REPO, dataset='uoft-cs/cifar10')
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_fmd_on_a_hub_model_as_the_advice_says(hub, make_run, tmp_path, monkeypatch, capsys):
+    """--fmd-* with --model hf-hub:... is refused with a command; that command trains from the Hub weights."""
+    from timm_fmd import cli
+    from .conftest import make_image_folder
+    push_to_hub(make_run(), REPO)
+    monkeypatch.setenv('TIMM_FMD_CACHE', str(tmp_path / 'cache'))
+    data = make_image_folder(tmp_path / 'data', {'train': 8, 'val': 2})
+    common = ['train', '--data-dir', str(data), '--img-size', '16', '-b', '8', '--epochs', '1', '-j', '0', '--output',
+              str(tmp_path / 'out'), '--fmd-prob', '0.2', '--fmd-stages', '-1']
+    assert cli.main(common + ['--model', f'hf-hub:{REPO}']) == 2
+    assert f'(use --model fmd_<its architecture> --pretrained hf-hub:{REPO})' in capsys.readouterr().err
+    assert cli.main(common + ['--model', f'fmd_{ARCH}', '--pretrained', f'hf-hub:{REPO}', '--experiment', 'ok']) == 0
+    results = json.loads((tmp_path / 'out' / 'ok' / 'results.json').read_text())
+    assert results['pretrained'] == f'hf-hub:{REPO}' and results['fmd']['prob'] == 0.2

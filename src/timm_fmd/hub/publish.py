@@ -257,8 +257,8 @@ def push_to_hub(source: str | os.PathLike, repo_id: str, *, private: bool = Fals
         validate_dataset_id(dataset)
     token = token or huggingface_hub.get_token()
     if not token:
-        raise PublishError(f'no Hugging Face token to publish {repo_id!r}: set HF_TOKEN, run `hf auth login`, or '
-                           'pass token=')
+        raise PublishError(f'no Hugging Face token to publish {repo_id!r}: set HF_TOKEN or run `hf auth login` '
+                           '(Python: token=)')
     api = HfApi(token=token, library_name='timm-fmd', library_version=__version__)
     with tempfile.TemporaryDirectory(prefix='timm-fmd-publish-') as tmp:
         folder = save_pretrained(source, Path(tmp) / 'repo', repo_id=repo_id, revision=revision, baseline=baseline,

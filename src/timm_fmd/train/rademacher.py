@@ -32,7 +32,8 @@ def erc_layers(model: nn.Module, stages: Sequence[int] = (-1,), kinds: Sequence[
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     layers = sorted({n for n in nexts if n is not None}, key=order.__getitem__)  # unique, in module order
     if not layers:
-        raise ValueError('no layer to measure: no FMD site of this model links to a next layer; pass layers=')
+        raise ValueError('no layer to measure: no FMD site of this model links to a next layer; name the layers with '
+                         '--layers (Python: layers=)')
     return layers
 
 
