@@ -160,7 +160,7 @@ class TrainConfig:
     resume: Optional[str] = _f(None, 'continue the run in this run directory from its last checkpoint')
     checkpoint_interval: int = _f(1000, 'also checkpoint every N optimiser steps (0 = epoch ends only)')
     eval_metric: str = _f('top1', 'validation metric choosing the best checkpoint', choices=EVAL_METRICS)
-    log_interval: int = _f(50, 'optimiser steps between progress updates')
+    log_interval: int = _f(50, 'optimiser steps between progress statistics (a terminal\'s bar moves every step)')
     erc_every: int = _f(0, 'every N epochs (and after the last), estimate the empirical Rademacher complexity of the '
                            'layers after the FMD sites on the validation split (0 = off)')
     erc_batches: int = _f(4, 'validation batches of each ERC estimate')
@@ -426,7 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if inner == [bool] and name.startswith('no_'):  # --no-aug and --aug, not --no-aug / --no-no-aug
             group.add_argument(_opt(name), action='store_const', const='true', **kwargs)
             group.add_argument(_opt(name[3:]), dest=name, action='store_const', const='false',
-                               default=argparse.SUPPRESS, help=f'undo --{name[3:].replace("_", "-")} of a recipe')
+                               default=argparse.SUPPRESS, help=f'undo a recipe\'s {_opt(name)}')
             continue
         if inner == [bool]:
             kwargs['action'] = argparse.BooleanOptionalAction
