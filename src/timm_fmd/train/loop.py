@@ -1,8 +1,9 @@
 """``fit(cfg)``: train and validate a timm model, with or without Feature Map Distortion.
 
-Read top-down: :func:`fit` prepares the run directory, builds everything (:func:`_build`), resumes
-if asked, then runs epochs of :func:`train_one_epoch` and :func:`evaluate`, checkpointing as it
-goes. The FMD probability ramp (Tang et al., Experiments: p rises linearly from 0, following
+Read top-down: :func:`fit` chooses the run directory, builds everything (:func:`_build`: data,
+model and weights are checked before any file is written), resumes if asked, creates the directory
+(:func:`_start`; a start that fails before its first checkpoint removes it again), then runs epochs
+of :func:`train_one_epoch` and :func:`evaluate`, checkpointing as it goes. The FMD probability ramp (Tang et al., Experiments: p rises linearly from 0, following
 DropBlock) is driven by ``timm_fmd.step_schedule`` after every optimiser step and restored with
 ``timm_fmd.set_schedule_step`` on resume.
 
@@ -22,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import timm
@@ -97,45 +98,44 @@ def fit(cfg: TrainConfig) -> Dict[str, Any]:
     """Train ``cfg.model`` as configured; write the run directory; return the results dict."""
     cfg = validate(cfg)
     env = D.setup(cfg.device)
+    run = None
     try:
         run = _build(cfg, env, _run_dir(cfg, env))  # data, model, weights: all checked before any file is written
         pos = _resume(run) if cfg.resume else Position()
         if not cfg.resume:
             _seed(cfg.seed + env.rank)  # identical init above, then one FMD-mask stream per rank
         timm_fmd.set_schedule_step(run.model, pos.global_step)  # the trainer drives the ramp from now on
-        with _started(run):
-            results = _train(run, pos)
+        metrics = MetricsLog.read(run.run_dir / 'metrics.csv', max_epoch=pos.epoch, write=env.is_main)
+        tb = None
         if env.is_main:
+            _start(run)
+            tb = tensorboard_writer(run.run_dir)
+        for epoch in range(pos.epoch, cfg.epochs):
+            epoch_start = time.perf_counter() - pos.epoch_train_time
+            row = train_one_epoch(run, pos, epoch)
+            row.update(evaluate(run.eval_model, run.loaders.val, env, run.autocast, cfg.channels_last))
+            pos.val_images = row.pop('val_images')
+            row['erc'] = _erc(run, pos, epoch)
+            D.assert_in_sync(run.model, env)
+            row['epoch_time_s'] = time.perf_counter() - epoch_start
+            metrics.append(row)
+            _end_epoch(run, pos, epoch, row)
+            if env.is_main:
+                plot_curves(metrics.rows, run.run_dir / 'curves.png', title=run.run_dir.name)
+                _log_epoch(tb, row)
+        results = _results(run, pos, metrics.rows)
+        if env.is_main:
+            write_json(run.run_dir / 'results.json', results)
+            if tb is not None:
+                tb.close()
             _log_end(run, results)
         return results
+    except BaseException:
+        if run is not None and env.is_main:
+            _remove_unstarted(run)
+        raise
     finally:
         D.cleanup(env)
-
-
-def _train(run: Run, pos: Position) -> Dict[str, Any]:
-    cfg, env = run.cfg, run.env
-    metrics = MetricsLog.read(run.run_dir / 'metrics.csv', max_epoch=pos.epoch, write=env.is_main)
-    tb = tensorboard_writer(run.run_dir) if env.is_main else None
-    for epoch in range(pos.epoch, cfg.epochs):
-        epoch_start = time.perf_counter() - pos.epoch_train_time
-        row = train_one_epoch(run, pos, epoch)
-        evaluated = evaluate(run.eval_model, run.loaders.val, env, run.autocast, cfg.channels_last)
-        pos.val_images = evaluated.pop('val_images')
-        row.update(evaluated)
-        row['erc'] = _erc(run, pos, epoch)
-        D.assert_in_sync(run.model, env)
-        row['epoch_time_s'] = time.perf_counter() - epoch_start
-        metrics.append(row)
-        _end_epoch(run, pos, epoch, row)
-        if env.is_main:
-            plot_curves(metrics.rows, run.run_dir / 'curves.png', title=run.run_dir.name)
-            _log_epoch(tb, row)
-    results = _results(run, pos, metrics.rows)
-    if env.is_main:
-        write_json(run.run_dir / 'results.json', results)
-        if tb is not None:
-            tb.close()
-    return results
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -156,7 +156,7 @@ def _unstarted(run_dir: Path) -> bool:
 def _run_dir(cfg: TrainConfig, env: D.DistEnv) -> Path:
     """The run directory: ``--resume``'s, or a free ``<output>/<experiment>`` chosen by rank 0.
 
-    Nothing is created here (see :func:`_started`): a start that fails while checking the data, the
+    Nothing is created here (see :func:`_start`): a start that fails while checking the data, the
     model or its weights leaves no directory behind. An ``--experiment`` directory that an earlier
     start left without a first checkpoint is free and is started afresh.
     """
@@ -192,23 +192,19 @@ def _run_dir(cfg: TrainConfig, env: D.DistEnv) -> Path:
     return Path(value)
 
 
-@contextlib.contextmanager
-def _started(run: Run) -> Iterator[None]:
-    """Create the run directory (rank 0) with its ``config.yaml``; if training then fails before the
-    first checkpoint, remove what this start wrote, so that nothing blocks a rerun."""
-    fresh = not run.cfg.resume
-    if run.env.is_main:
-        if fresh and run.run_dir.exists():  # an unstarted run's leftovers (checked in _run_dir)
-            shutil.rmtree(run.run_dir)
-        (run.run_dir / 'checkpoints').mkdir(parents=True, exist_ok=True)
-        atomic_write(run.run_dir / 'config.yaml', save_config(dataclasses.replace(
-            run.cfg, output=str(run.run_dir.parent), experiment=run.run_dir.name, resume=None)))
-    try:
-        yield
-    except BaseException:
-        if fresh and run.env.is_main and not _first_checkpoint(run.run_dir).exists():
-            shutil.rmtree(run.run_dir, ignore_errors=True)
-        raise
+def _start(run: Run) -> None:
+    """Create the run directory (rank 0) with its ``config.yaml``, once everything is built."""
+    if not run.cfg.resume and run.run_dir.exists():  # an unstarted run's leftovers (checked in _run_dir)
+        shutil.rmtree(run.run_dir)
+    (run.run_dir / 'checkpoints').mkdir(parents=True, exist_ok=True)
+    atomic_write(run.run_dir / 'config.yaml', save_config(dataclasses.replace(
+        run.cfg, output=str(run.run_dir.parent), experiment=run.run_dir.name, resume=None)))
+
+
+def _remove_unstarted(run: Run) -> None:
+    """After a failure before the first checkpoint, remove what this start wrote: nothing blocks a rerun."""
+    if not run.cfg.resume and not _first_checkpoint(run.run_dir).exists():
+        shutil.rmtree(run.run_dir, ignore_errors=True)
 
 
 def _seed(seed: int) -> None:
