@@ -119,6 +119,15 @@ def test_a_worker_error_arrives_as_its_own_one_line_message(tmp_path):
     assert 'Traceback (most recent call last)' in raised.value.worker_traceback
 
 
+def test_a_failing_transform_names_the_image(tmp_path):
+    root = make_image_folder(tmp_path, {'train': 1, 'val': 1})
+    splits = build_splits(TrainConfig(data_dir=str(root)))
+    dataset = SampleDataset(splits.train_reader, splits.train_indices, T.RandomCrop(32))  # larger than 16x16
+    with pytest.raises(DataError, match=r"the transform failed on image '.*circle/000.png' \(16x16\): ValueError: "
+                                        r"Required crop size \(32, 32\) is larger than input image size"):
+        dataset[(0, 0)]
+
+
 def test_images_of_any_mode_reach_the_model_as_faithful_rgb(tmp_path):
     """A 16-bit grayscale PNG in the data folder: v / 257 in every channel, not PIL's clipped 255."""
     root = make_image_folder(tmp_path, {'train': 1, 'val': 1})

@@ -310,9 +310,17 @@ class SampleDataset(torch.utils.data.Dataset):
                 img, target = self._load(pos)
                 if img is not None:
                     reseed(seed)
-                    img = self.transform(img)
+                    img = self._transform(img, pos)
                 out.append((img, target))
         return out
+
+    def _transform(self, img: Image.Image, pos: int) -> Any:
+        try:
+            return self.transform(img)
+        except Exception as e:  # raised in a worker, a bare traceback would not say which image
+            name = self._name(int(self.indices[pos]))
+            raise DataError(f'the transform failed on image {name!r} ({img.width}x{img.height}): '
+                            f'{type(e).__name__}: {e}') from e
 
     def __getitem__(self, item: Tuple[int, int]) -> Tuple[Any, Any]:
         return self.__getitems__([item])[0]

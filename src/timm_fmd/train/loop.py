@@ -121,7 +121,7 @@ def fit(cfg: TrainConfig) -> Dict[str, Any]:
             metrics.append(row)
             _end_epoch(run, pos, epoch, row)
             if env.is_main:
-                plot_curves(metrics.rows, run.run_dir / 'curves.png', title=run.run_dir.name)
+                plot_curves(metrics.rows, run.run_dir / 'curves.png', title=cfg.model)  # published: no run name
                 _log_epoch(tb, row)
         results = _results(run, pos, metrics.rows)
         if env.is_main:
