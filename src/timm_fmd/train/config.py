@@ -6,9 +6,8 @@ interpolation, mean/std, crop), timm's training augmentation and learning-rate r
 settings of the registry (:class:`timm_fmd.FMDSettings`). On the command line, naming neither
 ``--config`` nor ``--data-dir`` (nor ``--resume``) applies the embedded ``digits`` recipe
 (:data:`DIGITS_RECIPE`, also ``configs/digits.yaml``), so that a bare ``timm-fmd train`` trains
-something real. Option names
-follow timm's ``train.py`` (``--lr``, ``--sched``, ``--model-ema``, ...); a field ``foo_bar`` is the
-option ``--foo-bar`` and the YAML key ``foo_bar``.
+something real. Option names follow timm's ``train.py`` (``--lr``, ``--sched``, ``--model-ema``,
+...); a field ``foo_bar`` is the option ``--foo-bar`` and the YAML key ``foo_bar``.
 
 A YAML recipe may start with ``base: other.yaml`` (a path relative to the including file): the base
 is loaded first and the including file's keys override it. This keeps a baseline recipe to the few
