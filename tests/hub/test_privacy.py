@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from timm_fmd import cli
 from timm_fmd.hub import PublishError, push_to_hub, save_pretrained
-from timm_fmd.hub.privacy import Private, find_leaks, private_strings
+from timm_fmd.hub.privacy import Private, find_leaks, private_strings, public_config, public_results
 
 from .conftest import make_image_folder
 from .hub_server import ORGS
@@ -154,3 +154,13 @@ def test_private_strings(alice, tmp_path):
     texts = {p.text for p in found}
     assert {str(tmp_path / 'run'), '/srv/w/start.pt', '/srv/w', str(alice), 'alice', 'alice-laptop',
             'alice-laptop.corp.example'} == texts  # '/data' and '/srv' alone are too generic to refuse
+
+
+@pytest.mark.parametrize('source, published', [
+    ('resnet50.a1_in1k', 'resnet50.a1_in1k'), ('.a1_in1k', '.a1_in1k'), ('hf-hub:org/name', 'hf-hub:org/name'),
+    (True, True), (False, False), ('weights.safetensors', 'a local weights file'), ('ckpt/best.pth', 'a local weights file'),
+    ('/home/alice/w.bin', 'a local weights file')])
+def test_pretrained_sources_as_published(source, published):
+    config = yaml.safe_dump({'data_dir': None, 'pretrained': source})
+    assert yaml.safe_load(public_config(config, None))['pretrained'] == published
+    assert public_results({'data': {'name': 'digits'}, 'pretrained': source}, config, None)['pretrained'] == published

@@ -36,6 +36,7 @@ LOCAL_WEIGHTS = 'a local weights file'
 REMOVED_PATH = '<local path removed>'
 _RUN_LOCATION = ('output', 'experiment', 'resume')
 _WINDOWS_PATH = re.compile(r'^[A-Za-z]:[\\/]')
+_WEIGHT_FILES = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt', '.npz', '.h5', '.tar')
 
 
 class Private(NamedTuple):
@@ -61,10 +62,12 @@ def _scrub(value: Any) -> Any:
 
 
 def _public_source(pretrained: Any) -> Any:
-    """A pretrained source as published: timm tags and ``hf-hub:`` ids stay, a file becomes LOCAL_WEIGHTS."""
+    """A pretrained source as published: timm tags (``arch.tag``) and ``hf-hub:`` ids stay, a file becomes
+    LOCAL_WEIGHTS."""
     if not isinstance(pretrained, str) or pretrained.startswith('hf-hub:'):
         return pretrained
-    return LOCAL_WEIGHTS if ('/' in pretrained or '\\' in pretrained or PurePath(pretrained).suffix) else pretrained
+    is_file = '/' in pretrained or '\\' in pretrained or PurePath(pretrained).suffix.lower() in _WEIGHT_FILES
+    return LOCAL_WEIGHTS if is_file else pretrained
 
 
 def dataset_label(config: dict, dataset: Optional[str]) -> str:
