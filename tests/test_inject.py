@@ -140,8 +140,8 @@ def test_describe_shows_every_site():
     assert lines[0].startswith('ResNet: 14 FMD sites at input (3, 64, 64)')
     assert 'layer3.0.drop_block' in text and 'layer3.0.conv2' in text and '(none: w=0.01)' in text
     assert len(lines) == 3 + 14 + 1
-    assert lines[-1].startswith('expected: the fraction of the map') and 'last: the fraction it distorted in its last ' \
-        'training forward (- before the first)' in lines[-1]
+    assert lines[-1].startswith('expected: the fraction of the map')
+    assert 'last: the fraction it distorted in its last training forward (- before the first)' in lines[-1]
     big = describe(model, input_size=(3, 224, 224))
     assert '256x14x14' in big and '256x4x4' in text
     model.train()(torch.randn(4, 3, 64, 64))

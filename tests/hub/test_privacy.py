@@ -158,8 +158,8 @@ def test_private_strings(alice, tmp_path):
 
 @pytest.mark.parametrize('source, published', [
     ('resnet50.a1_in1k', 'resnet50.a1_in1k'), ('.a1_in1k', '.a1_in1k'), ('hf-hub:org/name', 'hf-hub:org/name'),
-    (True, True), (False, False), ('weights.safetensors', 'a local weights file'), ('ckpt/best.pth', 'a local weights file'),
-    ('/home/alice/w.bin', 'a local weights file')])
+    (True, True), (False, False), ('weights.safetensors', 'a local weights file'),
+    ('ckpt/best.pth', 'a local weights file'), ('/home/alice/w.bin', 'a local weights file')])
 def test_pretrained_sources_as_published(source, published):
     config = yaml.safe_dump({'data_dir': None, 'pretrained': source})
     assert yaml.safe_load(public_config(config, None))['pretrained'] == published

@@ -246,7 +246,8 @@ def test_a_published_folder_is_published_again_unchanged(make_run, tmp_path):
     """read_run takes a folder save_pretrained wrote (e.g. to render it with a newer card): in place, same files."""
     folder = save_pretrained(make_run(), tmp_path / 'tiny', repo_id=REPO, dataset='uoft-cs/cifar10')
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert read_run(folder).weights == 'best.safetensors' and read_run(folder).checkpoint == folder / 'model.safetensors'
+    again = read_run(folder)
+    assert again.weights == 'best.safetensors' and again.checkpoint == folder / 'model.safetensors'
     save_pretrained(folder, folder, repo_id=REPO, dataset='uoft-cs/cifar10')
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 

@@ -56,7 +56,8 @@ def _absolute_paths(value):
 def test_card_folder_names_no_local_path(name):
     """No setting or result is a local path, the card text names none, and nothing names this machine."""
     folder = CARDS / name
-    for file, parse in (('config.json', json.loads), ('results.json', json.loads), ('train_config.yaml', yaml.safe_load)):
+    parsers = {'config.json': json.loads, 'results.json': json.loads, 'train_config.yaml': yaml.safe_load}
+    for file, parse in parsers.items():
         assert _absolute_paths(parse((folder / file).read_text())) == [], file
     text = (folder / 'README.md').read_text()
     assert re.findall(r'(?<![\w:/.~-])(?:/[\w.-]+){2,}', text) == []  # URLs and repo ids are not matched

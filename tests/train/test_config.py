@@ -57,8 +57,8 @@ def test_help_shows_one_set_of_defaults(capsys):
     add_arguments(parser)
     parser.print_help()
     text = ' '.join(capsys.readouterr().out.split())
-    assert "--img-size IMG_SIZE input image size (square); none = the model's pretrained_cfg input size (default: none)" \
-        in text
+    img_size = "--img-size IMG_SIZE input image size (square); none = the model's pretrained_cfg input size"
+    assert f'{img_size} (default: none)' in text
     for option, registry in (('--fmd-prob', '0.1'), ('--fmd-block-size', '7'), ('--fmd-stages', '-2 -1'),
                              ('--fmd-sites', 'conv skip'), ('--fmd-gamma', '1.0'), ('--fmd-mode', 'approx')):
         part = text[text.rindex(option + ' '):]  # the option's help, after the usage lines

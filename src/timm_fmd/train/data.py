@@ -31,7 +31,8 @@ from torchvision import transforms as T
 from .config import TrainConfig
 from .images import load_rgb
 
-__all__ = ['DataError', 'load_rgb', 'Splits', 'Loaders', 'digits_root', 'build_splits', 'steps_per_epoch', 'data_args', 'build_transforms',
+__all__ = ['DataError', 'load_rgb', 'Splits', 'Loaders', 'digits_root', 'build_splits', 'steps_per_epoch', 'data_args',
+           'build_transforms',
            'build_loaders', 'loaders_for_model', 'build_mixup', 'SampleDataset', 'EpochSampler']
 
 _logger = logging.getLogger(__name__)

@@ -3,7 +3,8 @@
 Read top-down: :func:`fit` chooses the run directory, builds everything (:func:`_build`: data,
 model and weights are checked before any file is written), resumes if asked, creates the directory
 (:func:`_start`; a start that fails before its first checkpoint removes it again), then runs epochs
-of :func:`train_one_epoch` and :func:`evaluate`, checkpointing as it goes. The FMD probability ramp (Tang et al., Experiments: p rises linearly from 0, following
+of :func:`train_one_epoch` and :func:`evaluate`, checkpointing as it
+goes. The FMD probability ramp (Tang et al., Experiments: p rises linearly from 0, following
 DropBlock) is driven by ``timm_fmd.step_schedule`` after every optimiser step and restored with
 ``timm_fmd.set_schedule_step`` on resume.
 
