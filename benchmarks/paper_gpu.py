@@ -48,7 +48,6 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import create_dataset
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -56,6 +55,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import timm_fmd
 from timm_fmd.models import CIFAR10_MEAN, CIFAR10_STD
+from timm_fmd.train.images import load_rgb
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpg'
 EVAL_BATCH = 1000
@@ -171,14 +171,14 @@ def subset_indices(total: int, subset: Optional[int]) -> List[int]:
 
 
 def decode(jpegs: Jpegs, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Decode the chosen files with PIL (as timm's ``create_dataset`` would) to uint8 (N, 3, 32, 32)."""
+    """Decode the chosen files as the trainer does (``load_rgb``: faithful 8-bit RGB) to uint8 (N, 3, 32, 32)."""
     data, bounds = jpegs.data.numpy().tobytes(), jpegs.offsets.tolist()
     images = torch.empty((len(indices), 3, 32, 32), dtype=torch.uint8)
     for row, index in enumerate(indices):
-        image = Image.open(io.BytesIO(data[bounds[index]:bounds[index + 1]]))
+        image = load_rgb(io.BytesIO(data[bounds[index]:bounds[index + 1]]), name=f'image {index}')
         if image.size != (32, 32):
             raise ValueError(f'image {index} is {image.size[0]}x{image.size[1]}, expected 32x32 (CIFAR-10)')
-        images[row] = pil_to_tensor(image.convert('RGB'))
+        images[row] = pil_to_tensor(image)
     return images, jpegs.labels[indices]
 
 

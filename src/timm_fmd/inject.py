@@ -29,7 +29,8 @@ from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
 from .sites import Site, feature_stages, find_sites, probe_input_size
 from .ops.validation import check_choice, check_non_negative, check_positive_int, check_prob
 
-__all__ = ['FMDSettings', 'apply_fmd', 'remove_fmd', 'reapply_fmd', 'describe', 'fmd_ops', 'fmd_settings']
+__all__ = ['FMDSettings', 'apply_fmd', 'remove_fmd', 'reapply_fmd', 'describe', 'fmd_ops', 'fmd_settings',
+           'oversized_blocks']
 
 # FX feature extraction (timm's features_only / create_feature_extractor) must keep the op as a leaf.
 register_notrace_module(FeatureMapDistortion)
@@ -258,8 +259,7 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
         shape = shapes.get(path, op.site.shape)
         expected = op.current_prob
         if isinstance(op, BlockFeatureMapDistortion):
-            h, w = (shape[2], shape[3]) if op.site.layout == 'NCHW' else (shape[1], shape[2])
-            expected = op.expected_fraction(h, w)
+            expected = op.expected_fraction(*_map_size(op, shape))
         last = op.realised_fraction()
         rows.append((str(i), str(op.site.stage), op.site.kind, path, 'x'.join(map(str, shape[1:])),
                      f'{op.current_prob:.4g}/{op.prob:.4g}', f'{expected:.4f}', '-' if last is None else f'{last:.4f}',
@@ -269,7 +269,32 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
     line = lambda r: '  '.join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     title = (f'{type(model).__name__}: {len(ops)} FMD sites at input {size}, ramp '
              f'{ops[0][1].ramp.count}/{ops[0][1].ramp.steps} steps, gamma={settings.gamma if settings else "?"}')
-    return '\n'.join([title, line(header), line(tuple('-' * w for w in widths))] + [line(r) for r in rows])
+    legend = ('expected: the fraction of the map the op distorts at the current probability; last: the fraction '
+              'it distorted in its last training forward (- before the first)')
+    return '\n'.join([title, line(header), line(tuple('-' * w for w in widths))] + [line(r) for r in rows] + [legend])
+
+
+def _map_size(op: FeatureMapDistortion, shape: Sequence[int]) -> Tuple[int, int]:
+    return (shape[2], shape[3]) if op.site.layout == 'NCHW' else (shape[1], shape[2])
+
+
+def oversized_blocks(model: nn.Module, input_size: Sequence[int]) -> List[str]:
+    """One warning per (block, map size) where a block FMD site's feature map at ``input_size`` (C, H, W) is
+    smaller than the block. The op clamps the block to the map (as DropBlock does), so each block then
+    covers the map's whole height or width: rarely what the block size was chosen for."""
+    ops = [(path, op) for path, op in fmd_ops(model) if isinstance(op, BlockFeatureMapDistortion)]
+    if not ops:
+        return []
+    shapes = _site_shapes(model, ops, input_size)
+    small: Dict[Tuple[int, int, int], List[str]] = {}
+    for path, op in ops:
+        h, w = _map_size(op, shapes.get(path, op.site.shape))
+        if op.block_size > min(h, w):
+            small.setdefault((op.block_size, h, w), []).append(path)
+    return [f'FMD block size {block} exceeds the {h}x{w} feature maps of {len(paths)} site(s) '
+            f'({paths[0]}{", ..." if len(paths) > 1 else ""}) at input {tuple(input_size)}: clamped to '
+            f'{min(block, h)}x{min(block, w)} there; --fmd-block-size {min(h, w)} or less fits them'
+            for (block, h, w), paths in small.items()]
 
 
 def _site_shapes(model: nn.Module, ops, input_size: Sequence[int]) -> Dict[str, Tuple[int, ...]]:

@@ -178,6 +178,17 @@ def _plot_curves(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def make_image_folder(root: Path, per_split: dict) -> Path:
+    """``root/<split>/<class>/NNN.png``: 16x16 images of three flat colours (classes circle, square, stripes)."""
+    from PIL import Image
+    for split, n in per_split.items():
+        for c, colour in (('circle', (200, 30, 30)), ('square', (30, 200, 30)), ('stripes', (30, 30, 200))):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new('RGB', (16, 16), tuple(v + 5 * i for v in colour)).save(root / split / c / f'{i:03d}.png')
+    return root
+
+
 @pytest.fixture
 def make_run(tmp_path: Path) -> Callable[..., Path]:
     """``make_run(name='run', **kwargs)``: a contract-conforming RUN_DIR under ``tmp_path / 'runs'``."""
