@@ -172,14 +172,21 @@ def apply_fmd(model: nn.Module, settings: Optional[FMDSettings] = None, **kwargs
     if fmd_settings(model) is not None:
         raise ValueError('model already has FMD; call timm_fmd.remove_fmd(model) first')
     sites = find_sites(model, settings.stages, settings.sites, settings.input_size)
-    names = feature_stages(model)
+    paths = feature_stages(model)
+    names = [model.feature_info[i]['module'] for i in range(len(paths))]
+    chosen = sorted({s % len(names) for s in settings.stages})
+    cut = [names[i] for i in chosen if paths[i] is None]
+    where = f'{type(model).__name__}' + (f' (stage(s) {cut} are cut off: a features_only model ends at its last '
+                                         f'out_indices stage)' if cut else '')
     if not sites:
-        chosen = {s % len(names): names[s % len(names)] for s in settings.stages}
-        raise ValueError(f'no FMD site ({"/".join(settings.sites)}) found in stages {settings.stages} = {chosen} of '
-                         f'{type(model).__name__}; its feature_info stages are {names}')
-    empty = sorted({s % len(names) for s in settings.stages} - {site.stage for site in sites})
+        raise ValueError(f'no FMD site ({"/".join(settings.sites)}) found in stages {settings.stages} = '
+                         f'{ {i: names[i] for i in chosen} } of {where}; its feature_info stages are {names}')
+    if cut:
+        warnings.warn(f'FMD: no site in feature_info stage(s) {cut}: they are not in this {type(model).__name__} '
+                      f'(a features_only model ends at its last out_indices stage)')
+    empty = [names[i] for i in chosen if paths[i] is not None and i not in {site.stage for site in sites}]
     if empty:
-        warnings.warn(f'FMD: no site in feature_info stage(s) {[names[i] for i in empty]} of {type(model).__name__}')
+        warnings.warn(f'FMD: no site in feature_info stage(s) {empty} of {type(model).__name__}')
     scale = dict(zip((s % len(names) for s in settings.stages), settings.stage_scale or [1.0] * len(names)))
     for site in sites:
         op = _make_op(settings, site, settings.prob * scale[site.stage])
@@ -191,7 +198,7 @@ def apply_fmd(model: nn.Module, settings: Optional[FMDSettings] = None, **kwargs
         else:
             host = model.get_submodule(site.path)
             host.add_module('fmd', op)
-            host.register_forward_hook(_SiteHook())
+            host.register_forward_hook(_SiteHook(), prepend=True)  # before timm's feature hooks
     model.register_forward_pre_hook(_SiteGuard())
     model.fmd_settings = settings  # a plain attribute: not in state_dict
     return model
