@@ -124,7 +124,7 @@ def test_preactivation_resnet_uses_its_slots_after_each_conv():
 def test_feature_stages_resolve_through_timm_feature_wrappers():
     """Stage paths inside features_only models: flattened Sequentials (stages.2 -> stages_2), the model held
     as a child (FeatureGetterNet: model., FeatureHookNet without rewrite: body.), stages cut off: None."""
-    from timm_fmd.sites import feature_stages
+    from timm_fmd.stages import feature_stages
     assert feature_stages(timm.create_model('convnext_atto', features_only=True, out_indices=(1, 2))) == [
         'stages_0', 'stages_1', 'stages_2', None]
     assert feature_stages(timm.create_model('vit_tiny_patch16_224', features_only=True, out_indices=(1, 2)))[:4] == [

@@ -26,7 +26,8 @@ import torch.nn as nn
 from timm.models import register_notrace_module
 
 from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
-from .sites import Site, feature_stages, find_sites, probe_input_size
+from .sites import Site, find_sites
+from .stages import feature_stages, probe_input_size
 from .ops.validation import check_choice, check_non_negative, check_positive_int, check_prob
 
 __all__ = ['FMDSettings', 'apply_fmd', 'remove_fmd', 'reapply_fmd', 'describe', 'fmd_ops', 'fmd_settings']

@@ -14,7 +14,7 @@ registered with *resolved* copies of the base's pretrained cfgs (``get_arch_pret
 ``timm/fmd_<arch>.<tag>``, which does not exist).
 
 ``features_only`` models get FMD at the same sites: the sites are found in timm's feature wrapper,
-whose stage modules :func:`timm_fmd.sites.feature_stages` resolves (``feature_cls='fx'`` traces the
+whose stage modules :func:`timm_fmd.stages.feature_stages` resolves (``feature_cls='fx'`` traces the
 model, so there FMD goes in before the wrapper is built and its ops become nodes of the graph).
 
 Registration is one closure and one ``register_model`` call per architecture, timed by
