@@ -21,7 +21,7 @@ import timm
 import torch
 
 import timm_fmd  # noqa: F401  (registers the fmd_ twins)
-from timm_fmd import describe, fmd_ops
+from timm_fmd import describe, fmd_ops, remove_fmd
 
 # (arch, input side, fmd_stages, number of feature_info stages, what the base model accepts:
 #  p = drop_path_rate, b = drop_block_rate, g = global_pool='' with num_classes=0,
@@ -136,7 +136,8 @@ def test_build_options(arch, side, stages, n_stages, accepts, counts, tmp_path):
     size, probe = _size_kwargs(arch, side)
     extra = EXTRA.get(arch, {})
     kwargs = dict(num_classes=0, drop_rate=0.1, scriptable=True, **size, **extra)
-    kwargs.update({'drop_path_rate': 0.1} if 'p' in accepts else {}, **({'drop_block_rate': 0.1} if 'b' in accepts else {}))
+    kwargs.update({'drop_path_rate': 0.1} if 'p' in accepts else {})
+    kwargs.update({'drop_block_rate': 0.1} if 'b' in accepts else {})
     kwargs.update({'global_pool': ''} if 'g' in accepts else {})
     base = _build(arch, 0, **kwargs)
     checkpoint = tmp_path / 'base.pth'
@@ -177,6 +178,9 @@ def test_every_feature_wrapper_keeps_the_sites(feature_cls):
     assert [o.shape for o in ours] == [(2, 160, 4, 4), (2, 320, 2, 2)]
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     assert _trains_through_every_site(model, x)
+    if feature_cls == 'fx':
+        with pytest.raises(ValueError, match='FMD is traced into this FeatureGraphNet'):
+            remove_fmd(model)
 
 
 def test_features_only_reports_stages_its_out_indices_cut_off():
@@ -184,8 +188,9 @@ def test_features_only_reports_stages_its_out_indices_cut_off():
                                          r"this FeatureListNet \(a features_only model ends at its last out_indices"):
         model = timm.create_model('fmd_resnet18', features_only=True, out_indices=(1, 2, 3), fmd_input_size=(3, 64, 64))
     assert _counts(model) == {3: (5, 2)}
-    with pytest.raises(ValueError, match=r"no FMD site \(conv/skip\) found in stages \(-2, -1\) = \{3: 'layer3', "
-                                         r"4: 'layer4'\} of FeatureListNet \(stage\(s\) \['layer3', 'layer4'\] are cut"):
+    with pytest.raises(ValueError, match=r"no FMD site \(conv/skip\) found in stages \(-2, -1\) = "
+                                         r"\{3: 'layer3', 4: 'layer4'\} of FeatureListNet \(stage\(s\) "
+                                         r"\['layer3', 'layer4'\] are cut"):
         _build('fmd_resnet18', 0, features_only=True, out_indices=(1, 2), fmd_input_size=(3, 64, 64))
     assert _counts(_build('fmd_resnet18', 0, features_only=True, out_indices=(1, 2), fmd_stages=(1, 2),
                           fmd_input_size=(3, 64, 64))) == {1: (4, 2), 2: (5, 2)}
