@@ -89,14 +89,17 @@ def test_settings_kwargs_round_trip_and_unknown_names():
 
 @pytest.mark.parametrize('convert', ['timm', 'torch'])
 def test_sync_batchnorm_conversion_keeps_fmd(convert):
+    """The conversion keeps children (slots, 'fmd' children) but drops hooks: the next training forward
+    re-installs them, silently (FMD followed the change), and every op runs."""
     from timm.layers import convert_sync_batchnorm
     model = _resnet(prob=0.1, block_size=3)
-    n_ops = len(fmd_ops(model))
     model = convert_sync_batchnorm(model) if convert == 'timm' else nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    assert len(fmd_ops(model)) == n_ops  # slots and 'fmd' children survive the conversion, hooks do not
-    with pytest.warns(UserWarning, match='FMD forward hooks were missing'):
+    hosts = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm) and 'fmd' in m._modules]
+    assert len(hosts) == 6 and not any(m._forward_hooks for m in hosts)  # bn1 x 4, downsample x 2
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
         assert _train_step_hits_every_op(model, torch.randn(2, 3, 64, 64))
+    assert all(len(m._forward_hooks) == 1 for m in hosts) and len(fmd_ops(model)) == 14
     assert reapply_fmd(model) == 0  # repaired once, nothing left to do
 
 

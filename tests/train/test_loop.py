@@ -206,6 +206,13 @@ def test_erc_is_logged_per_epoch_without_touching_training(tiny_data, tmp_path):
     assert logged[-1] == pytest.approx(sum(v['mean'] for v in layers.values()) / len(layers))
 
 
+def test_start_up_prints_the_fmd_sites(tiny_data, tmp_path, capsys):
+    fit(quick_config(tiny_data, tmp_path, model='fmd_test_efficientnet', fmd_prob=0.2,
+                    fmd_stages=[-1], fmd_sites=['conv']))
+    out = capsys.readouterr().out
+    assert 'FMD: 3 sites (3 linked to a next layer, 0 use the fixed weight 0.01)\n  stage 4 (blocks.4): 3 conv\n' in out
+
+
 def test_channels_last_training(tiny_data, tmp_path):
     """channels_last in float32. (bf16 autocast with channels_last on CPU gave NaN losses at the first step
     in some test orders with torch 2.14.1, inside torch's own kernels; float32 is unaffected.)"""

@@ -231,10 +231,12 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
         if not cuda:
             raise ValueError('--sync-bn: torch SyncBatchNorm needs CUDA devices')
         model = convert_sync_batchnorm(model)
-        timm_fmd.reapply_fmd(model)  # the conversion drops FMD's forward hooks
+        timm_fmd.reapply_fmd(model)  # the conversion drops FMD's forward hooks: re-install them now
     model.to(env.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if is_fmd(cfg.model) and env.is_main:
+        print(timm_fmd.site_summary(model), flush=True)  # the sites every training forward runs
     if cuda:  # fastest conv algorithms; GPU runs are not bit-reproducible anyway (atomics)
         torch.backends.cudnn.benchmark = True
     lr = resolved_lr(cfg, env.world_size)
