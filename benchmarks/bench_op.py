@@ -4,7 +4,8 @@
     python benchmarks/bench_op.py --device cuda --repeats 50
 
 Rows are measured side by side in one process: each repetition runs every method once, in turn,
-and the table reports medians, so drifting machine load hits all methods alike. "saved MB" is what
+and the table reports medians, so drifting machine load hits all methods alike. On CUDA each FMD row comes
+twice: the fused Triton path (what the op runs there) and the PyTorch reference path beside it. "saved MB" is what
 autograd keeps for the backward pass (counted with saved-tensor hooks); on CUDA the peak allocated
 memory of one forward+backward is reported as well.
 """
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropBlock2d
 
+from timm_fmd.ops import fused
 from timm_fmd.ops.distortion import feature_map_distortion
 from timm_fmd.ops.masks import block_seed_rate, expected_block_fraction
 
@@ -43,6 +45,11 @@ def authors_formula(x: torch.Tensor, prob: float, block_size: int, weight: torch
     w_c = (w_max * sign).mean((2, 3), keepdim=True)
     dist = gamma * w_c * x.detach().std() * torch.randn(x.shape, device=x.device)
     return (x * keep + dist * (1 - keep)) / kept
+
+
+def _reference(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with fused.disabled():
+        return fn()
 
 
 def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
@@ -75,8 +82,13 @@ def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma
         drop = DropBlock2d(prob, block_size, couple_channels=shared)
         methods[f'{tag}  timm DropBlock2d'] = lambda d=drop: d(x)
         for mode in ('approx', 'exact'):
-            methods[f'{tag}  block FMD {mode}'] = lambda s=shared, m=mode: feature_map_distortion(
+            run = lambda s=shared, m=mode: feature_map_distortion(  # noqa: E731
                 x, prob, block_size=block_size, shared_mask=s, mode=m, next_layer=next_conv, gamma=gamma)
+            if device.type == 'cuda':  # the fused Triton path and, beside it, the PyTorch reference
+                methods[f'{tag}  block FMD {mode} fused'] = run
+                methods[f'{tag}  block FMD {mode} reference'] = lambda r=run: _reference(r)
+            else:
+                methods[f'{tag}  block FMD {mode}'] = run
     methods["per-channel  authors' formula"] = lambda: authors_formula(x, prob, block_size, next_conv.weight, gamma)
 
     times: Dict[str, List[float]] = {name: [] for name in methods}
@@ -131,7 +143,7 @@ def main() -> None:
     torch.set_grad_enabled(True)
     print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} '
           f'prob={args.prob} block={args.block_size} repeats={args.repeats} (median fwd+bwd)')
-    header = f"{'shape':>18} | {'method':<32} | {'ms':>8} | {'x timm':>7} | {'saved MB':>8}"
+    header = f"{'shape':>18} | {'method':<40} | {'ms':>8} | {'x timm':>7} | {'saved MB':>8}"
     if device.type == 'cuda':
         header += f" | {'peak MB':>8}"
     print(header)
@@ -140,7 +152,7 @@ def main() -> None:
         base = {r['method'].split()[0]: r['ms'] for r in rows if 'DropBlock2d' in r['method']}
         for r in rows:
             ratio = r['ms'] / base[r['method'].split()[0]]
-            line = (f"{str(tuple(r['shape'])):>18} | {r['method']:<32} | {r['ms']:8.2f} | {ratio:6.2f}x | "
+            line = (f"{str(tuple(r['shape'])):>18} | {r['method']:<40} | {r['ms']:8.2f} | {ratio:6.2f}x | "
                     f"{r['saved_mb']:8.1f}")
             if r['peak_mb'] is not None:
                 line += f" | {r['peak_mb']:8.1f}"

@@ -1,7 +1,9 @@
 """ResNet-50 SGD train step with block FMD against plain and timm's DropBlock.
 
     python benchmarks/bench_resnet50.py                 # batch 8, 224x224, CPU (the README's table)
-    python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp
+    python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last
+    python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last --compile \
+        --variants "plain,FMD per-channel approx"     # torch.compile (default mode), a subset of variants
 
 Variants (random init; same data, optimiser and step in one process; the table reports the median
 of interleaved repetitions, so drifting machine load hits every variant alike):
@@ -11,6 +13,9 @@ of interleaved repetitions, so drifting machine load hits every variant alike):
 * ``fmd_resnet50``: block FMD after every conv+norm and every block output in layer3 and layer4
   (p=0.1, block 7), channel-shared and per-channel masks, approx and exact modes;
 * the authors' per-channel formula (Disout) at the same FMD sites, for scale.
+
+``--compile`` wraps every model in ``torch.compile`` (default mode) and warms up two rounds (the
+forward and backward graphs compile in the first); the optimiser step stays eager in every variant.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Dict, List
 
 import timm
 import torch
@@ -38,7 +43,9 @@ def authors_variant(model: torch.nn.Module, prob: float, block_size: int) -> Non
         if not self.training:
             return x
         nl = self.next_layer
-        weight = nl.weight if nl is not None and nl.weight.ndim == 4 else torch.zeros(1, x.shape[1], 1, 1)
+        # sites that feed the pooled head have no next conv: a zero weight (no distortion), on x's device
+        weight = nl.weight if nl is not None and nl.weight.ndim == 4 else torch.zeros(
+            1, x.shape[1], 1, 1, device=x.device)
         return authors_formula(x, prob, block_size, weight.detach(), self.gamma)
     for _, op in timm_fmd.fmd_ops(model):
         op.forward = forward.__get__(op, FeatureMapDistortion)
@@ -59,6 +66,19 @@ def build(variant: str, prob: float, block_size: int) -> torch.nn.Module:
     return model
 
 
+VARIANTS = ('plain', 'timm DropBlock', 'FMD shared approx', 'FMD per-channel approx', 'FMD shared exact',
+            'FMD per-channel exact', "authors' formula per-channel")
+
+
+def parse_variants(text: str) -> List[str]:
+    """``--variants``: comma-separated names of :data:`VARIANTS` (``plain`` always runs: it is the baseline)."""
+    names = [v.strip() for v in text.split(',') if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f'unknown variant(s) {unknown}; choose from {list(VARIANTS)}')
+    return ['plain'] + [v for v in VARIANTS if v in names and v != 'plain']
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -69,19 +89,26 @@ def main() -> None:
     parser.add_argument('--block-size', type=int, default=7)
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile every model (default mode); the first two rounds warm up (compile)')
+    parser.add_argument('--variants', type=parse_variants, default=list(VARIANTS),
+                        help=f'comma-separated subset of: {", ".join(VARIANTS)} (default: all; plain always runs)')
     parser.add_argument('--threads', type=int, default=None, help='intra-op CPU threads (default: torch default)')
+    parser.add_argument('--wait-for', type=Path, default=None, metavar='FILE',
+                        help='after the warm-up (and compilation), print "warm" and wait for FILE to exist before '
+                             'the timed rounds (gpu_check.py compiles while other work runs, then times alone)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants = ['plain', 'timm DropBlock', 'FMD shared approx', 'FMD per-channel approx', 'FMD shared exact',
-                'FMD per-channel exact', "authors' formula per-channel"]
+    variants = args.variants
     models = {v: build(v, args.prob, args.block_size).to(device).train() for v in variants}
     if args.channels_last:
         models = {v: m.to(memory_format=torch.channels_last) for v, m in models.items()}
     optims = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
     for m in models.values():
         timm_fmd.step_schedule(m, 0)  # drive the schedule: no ramp, the full probability from step 0
+    steppers = {v: torch.compile(m) for v, m in models.items()} if args.compile else models
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -89,27 +116,33 @@ def main() -> None:
 
     def step(v: str) -> float:
         if device.type == 'cuda':
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = F.cross_entropy(models[v](x), y)
+            loss = F.cross_entropy(steppers[v](x), y)
         loss.backward()
         optims[v].step()
         optims[v].zero_grad(set_to_none=True)
         if device.type == 'cuda':
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    times: Dict[str, list] = {v: [] for v in variants}
-    for rep in range(args.repeats + 1):
+    for _ in range(2 if args.compile else 1):  # allocators and kernels; compilation of forward and backward
         for v in variants:
-            t = step(v)
-            if rep:  # the first round warms up allocators and kernels
-                times[v].append(t)
-    n_sites = len(timm_fmd.fmd_ops(models['FMD shared approx']))
+            step(v)
+    if args.wait_for is not None:
+        print('warm', flush=True)
+        while not args.wait_for.exists():
+            time.sleep(0.05)
+    times: Dict[str, list] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            times[v].append(step(v))
+    fmd = next((m for m in models.values() if timm_fmd.fmd_ops(m)), None)
+    sites = f'FMD sites: {len(timm_fmd.fmd_ops(fmd))} (layer3+layer4, conv+skip), ' if fmd is not None else ''
     print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch_size} '
-          f'img={args.img_size} amp={args.amp} channels_last={args.channels_last} repeats={args.repeats}; '
-          f'FMD sites: {n_sites} (layer3+layer4, conv+skip), p={args.prob}, block {args.block_size}')
+          f'img={args.img_size} amp={args.amp} channels_last={args.channels_last} compile={args.compile} '
+          f'repeats={args.repeats}; {sites}p={args.prob}, block {args.block_size}')
     base = statistics.median(times['plain'])
     print(f"{'variant':<30} | {'ms/step':>9} | {'x plain':>7}")
     for v in variants:

@@ -27,9 +27,10 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
 import timm_fmd  # noqa: F401  (registers the fmd_<arch> twins and the paper's models)
-from timm_fmd.train import TrainConfig, fit
+from timm_fmd.train import TrainConfig, config_from_dict, fit, load_yaml
+from timm_fmd.train.config import DIGITS_RECIPE, resolved_lr
 from timm_fmd.train.data import build_splits, loaders_for_model, steps_per_epoch
-from timm_fmd.train.distributed import setup
+from timm_fmd.train.distributed import setup, to_device
 from timm_fmd.train.evaluate import autocast
 from timm_fmd.train.model import create_model
 from timm_fmd.train.report import MetricsLog
@@ -47,7 +48,7 @@ def bare_loop(cfg: TrainConfig) -> List[float]:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = cuda  # as fit does
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=resolved_lr(cfg), weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp and cfg.amp_dtype == 'float16')
     amp = autocast(cfg, env.device)
@@ -58,7 +59,7 @@ def bare_loop(cfg: TrainConfig) -> List[float]:
         model.train()
         seen, start = 0, time.perf_counter()
         for x, y, _ in loaders.train:
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            x, y = to_device(env.device, x, y)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():
@@ -100,9 +101,11 @@ def main() -> None:
     if args.epochs < 2:
         parser.error('--epochs must be >= 2 (the first epoch is warm-up)')
 
-    base = TrainConfig(model=args.model, data_dir=args.data_dir, img_size=args.img_size, batch_size=args.batch_size,
-                       epochs=args.epochs, workers=args.workers, device=args.device, amp=args.amp,
-                       amp_dtype=args.amp_dtype, channels_last=args.channels_last, pin_mem=True, log_interval=10 ** 6)
+    # the digits recipe (its augmentation, optimiser and FMD settings) with this benchmark's data and sizes
+    base = config_from_dict(dict(load_yaml(DIGITS_RECIPE), model=args.model, data_dir=args.data_dir,
+                                 img_size=args.img_size, batch_size=args.batch_size, epochs=args.epochs,
+                                 workers=args.workers, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
+                                 channels_last=args.channels_last, pin_mem=True, log_interval=10 ** 6))
     variants = {'FMD off': base}
     fmd_name = f'fmd_{args.model}'
     if timm.is_model(fmd_name):

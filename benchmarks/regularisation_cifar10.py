@@ -38,7 +38,10 @@ from timm_fmd.train.report import write_json
 SEEDS = (0, 1, 2)
 COMMON = dict(batch_size=128, validation_batch_size=256, workers=2, opt='momentum', momentum=0.9,
               weight_decay=5e-4, sched='cosine', warmup_epochs=0, epochs=8, erc_every=8, erc_batches=4,
-              erc_draws=128, log_interval=1000, checkpoint_interval=0, img_size=32, crop_pct=1.0)
+              erc_draws=128, log_interval=1000, checkpoint_interval=0, img_size=32, crop_pct=1.0,
+              # the trainer's defaults when these runs were made, pinned so that finished runs stay reusable
+              train_crop_mode='pad', crop_pad=2, hflip=0.0, rotate=10.0, fmd_prob=0.1, fmd_block_size=3,
+              fmd_stages=[-1], fmd_sites=['conv'], fmd_gamma=30.0, fmd_ramp_epochs=2.0)
 CNN = dict(COMMON, train_subset=10_000, no_aug=True, lr=0.02, fmd_stages=[-2, -1], fmd_sites=['conv'],
            model_kwargs={'conv_widths': [32, 64, 128], 'fc_width': 512})
 CNN_FMD = dict(CNN, model='fmd_paper_cnn', fmd_prob=0.5, fmd_gamma=5.0, fmd_block_size=0, fmd_ramp_epochs=1.0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import timm_fmd
-from timm_fmd import FMDSettings, apply_fmd, describe, fmd_ops, reapply_fmd, remove_fmd
+from timm_fmd import FMDSettings, apply_fmd, describe, fmd_ops, oversized_blocks, reapply_fmd, remove_fmd
 from timm_fmd.ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
 
 
@@ -89,14 +89,17 @@ def test_settings_kwargs_round_trip_and_unknown_names():
 
 @pytest.mark.parametrize('convert', ['timm', 'torch'])
 def test_sync_batchnorm_conversion_keeps_fmd(convert):
+    """The conversion keeps children (slots, 'fmd' children) but drops hooks: the next training forward
+    re-installs them, silently (FMD followed the change), and every op runs."""
     from timm.layers import convert_sync_batchnorm
     model = _resnet(prob=0.1, block_size=3)
-    n_ops = len(fmd_ops(model))
     model = convert_sync_batchnorm(model) if convert == 'timm' else nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    assert len(fmd_ops(model)) == n_ops  # slots and 'fmd' children survive the conversion, hooks do not
-    with pytest.warns(UserWarning, match='FMD forward hooks were missing'):
+    hosts = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm) and 'fmd' in m._modules]
+    assert len(hosts) == 6 and not any(m._forward_hooks for m in hosts)  # bn1 x 4, downsample x 2
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
         assert _train_step_hits_every_op(model, torch.randn(2, 3, 64, 64))
+    assert all(len(m._forward_hooks) == 1 for m in hosts) and len(fmd_ops(model)) == 14
     assert reapply_fmd(model) == 0  # repaired once, nothing left to do
 
 
@@ -139,7 +142,9 @@ def test_describe_shows_every_site():
     lines = text.splitlines()
     assert lines[0].startswith('ResNet: 14 FMD sites at input (3, 64, 64)')
     assert 'layer3.0.drop_block' in text and 'layer3.0.conv2' in text and '(none: w=0.01)' in text
-    assert len(lines) == 3 + 14
+    assert len(lines) == 3 + 14 + 1
+    assert lines[-1].startswith('expected: the fraction of the map')
+    assert 'last: the fraction it distorted in its last training forward (- before the first)' in lines[-1]
     big = describe(model, input_size=(3, 224, 224))
     assert '256x14x14' in big and '256x4x4' in text
     model.train()(torch.randn(4, 3, 64, 64))
@@ -149,6 +154,17 @@ def test_describe_shows_every_site():
     wrapped = describe(nn.ModuleDict({'module': model}))
     assert wrapped.splitlines()[0].startswith('ModuleDict: 14 FMD sites at input (3, 64, 64)')
     assert 'module.layer3.0.drop_block' in wrapped and 'gamma=1.0' in wrapped
+
+
+def test_oversized_blocks_are_reported_at_the_training_input_size():
+    model = _resnet(prob=0.1, block_size=7)  # layer3 and layer4 of ResNet-18
+    assert oversized_blocks(model, (3, 64, 64)) == [
+        'FMD block size 7 exceeds the 4x4 feature maps of 7 site(s) (layer3.0.drop_block, ...) at input (3, 64, 64): '
+        'clamped to 4x4 there; --fmd-block-size 4 or less fits them',
+        'FMD block size 7 exceeds the 2x2 feature maps of 7 site(s) (layer4.0.drop_block, ...) at input (3, 64, 64): '
+        'clamped to 2x2 there; --fmd-block-size 2 or less fits them']
+    assert oversized_blocks(model, (3, 224, 224)) == []  # 14x14 and 7x7 maps hold a 7x7 block
+    assert oversized_blocks(timm.create_model('resnet18'), (3, 64, 64)) == []
 
 
 def test_apply_reports_missing_sites():

@@ -127,3 +127,12 @@ def test_compiled_op_follows_the_ramp_without_recompiling():
     assert len(graphs) == first_call  # the rising ramp compiles nothing new
     # 524,288 elements in blocks of 9: each fraction is within 0.01 of the ramp's value
     assert fractions == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.2], abs=0.01)
+
+
+def test_create_model_builds_plain_names_through_the_twin():
+    """fmd_* arguments on a plain name take the fmd_ twin, so every build option (here an FX-traced
+    features_only model, where FMD must go in before tracing) puts FMD where the twin does."""
+    model = timm_fmd.create_model('resnet18', features_only=True, feature_cls='fx', out_indices=(3, 4),
+                                  fmd_input_size=(3, 64, 64))
+    assert type(model).__name__ == 'FeatureGraphNet' and len(fmd_ops(model)) == 14
+    assert {op.site.kind for _, op in fmd_ops(model)} == {'conv', 'skip'}

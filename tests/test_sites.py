@@ -119,3 +119,23 @@ def test_preactivation_resnet_uses_its_slots_after_each_conv():
     assert block == {'stages.2.1.drop_block1': (True, 'stages.2.1.conv2'),
                      'stages.2.1.drop_block2': (True, 'stages.2.2.conv1')}
     assert [s.path for s in sites if not s.slot] == ['stages.2.0.downsample']  # the projection shortcut's conv
+
+
+def test_feature_stages_resolve_through_timm_feature_wrappers():
+    """Stage paths inside features_only models: flattened Sequentials (stages.2 -> stages_2), the model held
+    as a child (FeatureGetterNet: model., FeatureHookNet without rewrite: body.), stages cut off: None."""
+    from timm_fmd.stages import feature_stages
+    assert feature_stages(timm.create_model('convnext_atto', features_only=True, out_indices=(1, 2))) == [
+        'stages_0', 'stages_1', 'stages_2', None]
+    assert feature_stages(timm.create_model('vit_tiny_patch16_224', features_only=True, out_indices=(1, 2)))[:4] == [
+        'model.blocks.0', 'model.blocks.1', 'model.blocks.2', None]
+    assert feature_stages(timm.create_model('resnet18', features_only=True, feature_cls='hook', out_indices=(1, 2))) == [
+        'body.act1', 'body.layer1', 'body.layer2', 'body.layer3', 'body.layer4']
+    assert feature_stages(timm.create_model('resnet18')) == ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
+
+
+def test_conv_site_belongs_to_its_convs_stage():
+    """NF-RegNet's last feature module is final_conv; its activation comes after it and still is stage 4's site."""
+    sites = find_sites(timm.create_model('nf_regnet_b0'), (-1,), kinds=('conv',), input_size=(3, 64, 64))
+    assert (sites[-1].path, sites[-1].stage, sites[-1].next_layer) == ('final_act', 4, None)
+    assert len(sites) == 20

@@ -6,7 +6,8 @@
 __version__ = '0.1.0'
 
 from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion
-from .inject import FMDSettings, apply_fmd, describe, fmd_ops, fmd_settings, reapply_fmd, remove_fmd
+from .inject import (FMDSettings, apply_fmd, describe, fmd_ops, fmd_settings, oversized_blocks, reapply_fmd,
+                     remove_fmd, site_summary)
 from .models import CifarResNet, PaperCNN  # registers the paper's architectures in timm
 from .registry import base_architecture, register_fmd_models
 from .ops.schedule import current_prob, schedule_step, set_schedule_step, step_schedule

@@ -9,7 +9,8 @@ with :func:`command` together with its options. Adding a command is adding one s
         ...
         return 0
 
-User errors (``ValueError``, ``FileNotFoundError``) print one line and exit with status 2.
+User errors (``ValueError``, ``FileNotFoundError``, a diverged loss's ``FloatingPointError``) print one line and
+exit with status 2.
 """
 from __future__ import annotations
 
@@ -63,9 +64,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 def train(args: argparse.Namespace) -> int:
     from .train import fit
     from .train.config import config_from_args
-    results = fit(config_from_args(args))
-    best = results['best'] or {}
-    print(f"best val top-1 {best.get('val_top1')} at epoch {best.get('epoch')}; run directory written")
+    fit(config_from_args(args))  # ends by printing the best accuracy and the run directory
     return 0
 
 
@@ -93,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f'timm-fmd {args.command}: error: {e}', file=sys.stderr)
         return 2
 
@@ -103,18 +102,23 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--num-classes', type=int, help='classifier size (default: the model\'s)')
     parser.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'),
                         help='input size the feature shapes are shown at (default: the model\'s)')
-    # the registry's fmd_* keyword arguments (timm_fmd.FMDSettings); unset ones keep their defaults
-    parser.add_argument('--fmd-prob', type=float, help='target distortion probability')
-    parser.add_argument('--fmd-block-size', type=int, help='block size of block FMD; 0 = element-wise')
-    parser.add_argument('--fmd-stages', type=int, nargs='+', help='feature_info stage indices')
-    parser.add_argument('--fmd-sites', nargs='+', choices=('conv', 'skip'), help='site kinds')
-    parser.add_argument('--fmd-gamma', type=float, help='step length gamma')
-    parser.add_argument('--fmd-lam', type=float, help='weight lambda of the ||eps||^2 term')
-    parser.add_argument('--fmd-steps', type=int, help='distortion steps per forward')
-    parser.add_argument('--fmd-mode', choices=('approx', 'exact'), help='distortion solver')
-    parser.add_argument('--fmd-shared-mask', action='store_true', default=None, help='one mask for all channels')
-    parser.add_argument('--fmd-stage-scale', type=float, nargs='+', help='probability multiplier per stage')
-    parser.add_argument('--fmd-ramp-steps', type=int, help='linear ramp length in optimiser steps')
+    # the registry's fmd_* keyword arguments; unset ones keep FMDSettings' defaults, shown in the help
+    from .inject import FMDSettings
+    defaults = FMDSettings()
+    for flag, help, kwargs in (
+            ('--fmd-prob', 'target distortion probability', dict(type=float)),
+            ('--fmd-block-size', 'block size of block FMD; 0 = element-wise', dict(type=int)),
+            ('--fmd-stages', 'feature_info stage indices', dict(type=int, nargs='+')),
+            ('--fmd-sites', 'site kinds', dict(nargs='+', choices=('conv', 'skip'))),
+            ('--fmd-gamma', 'step length gamma', dict(type=float)),
+            ('--fmd-lam', 'weight lambda of the ||eps||^2 term', dict(type=float)),
+            ('--fmd-steps', 'distortion steps per forward', dict(type=int)),
+            ('--fmd-mode', 'distortion solver', dict(choices=('approx', 'exact'))),
+            ('--fmd-shared-mask', 'one mask for all channels', dict(action='store_true', default=None)),
+            ('--fmd-stage-scale', 'probability multiplier per stage', dict(type=float, nargs='+')),
+            ('--fmd-ramp-steps', 'linear ramp length in optimiser steps', dict(type=int))):
+        default = getattr(defaults, flag[6:].replace('-', '_'))
+        parser.add_argument(flag, help=f'{help} (default: {default})', **kwargs)
 
 
 @command('describe', 'show every FMD site of a model: module, kind, shape, probability, block, next layer',
@@ -140,7 +144,13 @@ def describe(args: argparse.Namespace) -> int:
          arg('--commit-message', help='commit message'),
          arg('--baseline', help='baseline RUN_DIR whose results are shown beside this run\'s in the card'),
          arg('--license', default='apache-2.0', help='licence of the weights in the card'),
-         arg('--dataset', help='dataset id for the card metadata'),
+         arg('--dataset', help='the Hugging Face Hub id of the data set (e.g. uoft-cs/cifar10, checked against the '
+                               'Hub when pushing): listed in the card\'s metadata and naming the data in the '
+                               'published files. Default: no data set in the metadata, the data named "a local '
+                               'image folder" (or "digits", the embedded set); local paths are never published'),
+         arg('--allow', action='append', default=[], metavar='TEXT',
+             help='a string the leak check may publish after all, e.g. a class name equal to your user name '
+                  '(repeatable)'),
          arg('--overwrite', action='store_true', help='replace a non-empty --out-dir'))
 def publish(args: argparse.Namespace) -> int:
     # The token comes from HF_TOKEN or the login cache only: no --token flag to leak into `ps` output.
@@ -148,7 +158,8 @@ def publish(args: argparse.Namespace) -> int:
     try:
         print(publish_run(args.source, args.repo_id, out_dir=args.out_dir, private=args.private,
                           revision=args.revision, commit_message=args.commit_message, baseline=args.baseline,
-                          license=args.license, dataset=args.dataset, overwrite=args.overwrite))
+                          license=args.license, dataset=args.dataset, overwrite=args.overwrite,
+                          allow=args.allow))
     except (PublishError, FileExistsError) as e:
         print(f'timm-fmd publish: error: {e}', file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@
   and the probability ramp is put where training left it, for further fine-tuning with the same
   regulariser. ``fmd_*`` keyword arguments override the recorded settings.
 * Any other name is timm's, with ``fmd_*`` keyword arguments applied to plain names too
-  (``create_model('resnet50', fmd_prob=0.1)`` is ``fmd_resnet50``); an unknown architecture is a
+  (``create_model('resnet50', fmd_prob=0.1)`` builds ``fmd_resnet50``); an unknown architecture is a
   ``ValueError`` that suggests the closest registered names.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from timm.models import is_model, parse_model_name, split_model_name_tag
 
 from .hub.publish import fmd_kwargs, read_config
 from .inject import apply_fmd
+from .registry import PREFIX
 from .ops.schedule import set_schedule_step
 
 __all__ = ['create_model']
@@ -43,6 +44,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models()'
         raise ValueError(f'unknown model {model_name!r}{hint}')
-    model = timm.create_model(model_name, pretrained=pretrained, **({**kwargs, **fmd} if arch.startswith('fmd_')
+    if fmd and not arch.startswith(PREFIX) and is_model(PREFIX + arch):
+        model_name, arch = PREFIX + model_name, PREFIX + arch  # the twin puts FMD in as every build option needs
+    model = timm.create_model(model_name, pretrained=pretrained, **({**kwargs, **fmd} if arch.startswith(PREFIX)
                                                                     else kwargs))
-    return apply_fmd(model, **fmd) if fmd and not arch.startswith('fmd_') else model
+    return apply_fmd(model, **fmd) if fmd and not arch.startswith(PREFIX) else model

@@ -1,19 +1,17 @@
 """Put FMD into a built model, take it out, and show where it is.
 
-:func:`apply_fmd` finds the sites of the chosen stages (:mod:`timm_fmd.sites`) and installs one op
-per site, linked to the layer that consumes the site's output:
-
-* into an empty slot timm left at the site (``BatchNormAct2d.drop``, ResNet's ``drop_block``): the
-  op replaces the ``nn.Identity``;
-* elsewhere, the op becomes a child named ``fmd`` of the site module and a forward hook applies it
-  to that module's output (out of place: timm's in-place adds and activations act on a new tensor).
+:func:`apply_fmd` finds the sites of the chosen stages (:mod:`timm_fmd.sites`) and attaches one op
+per site (:mod:`timm_fmd.attach`), linked to the layer that consumes the site's output: into an
+empty slot timm left at the site (``BatchNormAct2d.drop``, ResNet's ``drop_block``), else as a
+child named ``fmd`` of the site module that a forward hook applies out of place (timm's in-place
+adds and activations act on a new tensor).
 
 Neither adds a parameter or a persistent buffer (each op's ``prob_now`` buffer is non-persistent),
 so ``state_dict`` keys and shapes stay those of the base architecture, and eval-mode outputs are
-the base model's bit for bit (the op returns its input).
-Converting BatchNorm layers to SyncBatchNorm (timm's or torch's ``convert_sync_batchnorm``) keeps
-children but drops hooks; a forward pre-hook on the model re-installs them, with a warning, at
-the next training forward, and :func:`reapply_fmd` does it at once.
+the base model's bit for bit (the op returns its input). When the model changes afterwards
+(frozen or converted norms, a new classifier, pruned blocks), FMD follows the change at the next
+training forward or says which sites it lost; :func:`fmd_ops`, :func:`describe` and
+:func:`site_summary` always show the sites the next training forward runs.
 """
 from __future__ import annotations
 
@@ -25,11 +23,14 @@ import torch
 import torch.nn as nn
 from timm.models import register_notrace_module
 
+from .attach import OPS, SiteGuard, attach, detach, fmd_roots, sync
 from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
-from .sites import Site, feature_stages, find_sites, probe_input_size
+from .sites import Site, find_sites
+from .stages import feature_stages, probe_input_size
 from .ops.validation import check_choice, check_non_negative, check_positive_int, check_prob
 
-__all__ = ['FMDSettings', 'apply_fmd', 'remove_fmd', 'reapply_fmd', 'describe', 'fmd_ops', 'fmd_settings']
+__all__ = ['FMDSettings', 'apply_fmd', 'remove_fmd', 'reapply_fmd', 'describe', 'site_summary', 'fmd_ops',
+           'fmd_settings', 'oversized_blocks']
 
 # FX feature extraction (timm's features_only / create_feature_extractor) must keep the op as a leaf.
 register_notrace_module(FeatureMapDistortion)
@@ -131,24 +132,10 @@ def _int_tuple(value: Any, name: str) -> Tuple[int, ...]:
     return items
 
 
-class _SiteHook:
-    """Forward hook: distort the module's output with its ``fmd`` child. Stateless, so deep copies
-    (EMA) and module conversions keep working."""
-
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        return module.fmd(output)
-
-
-class _SiteGuard:
-    """Forward pre-hook on the model: re-install site hooks a module conversion dropped."""
-
-    def __call__(self, model: nn.Module, args: Any) -> None:
-        if model.training and not torch.compiler.is_compiling() and reapply_fmd(model):
-            warnings.warn('FMD forward hooks were missing (e.g. after convert_sync_batchnorm) and were re-installed')
-
-
 def fmd_ops(model: nn.Module) -> List[Tuple[str, FeatureMapDistortion]]:
-    """``(path, op)`` for every FMD op in ``model``, in module order."""
+    """``(path, op)`` for every FMD op in ``model``, in module order: the ops the next training forward
+    runs (FMD is first brought in line with any change made to the model, see :func:`reapply_fmd`)."""
+    reapply_fmd(model)
     return [(path, m) for path, m in model.named_modules() if isinstance(m, FeatureMapDistortion)]
 
 
@@ -172,27 +159,28 @@ def apply_fmd(model: nn.Module, settings: Optional[FMDSettings] = None, **kwargs
     if fmd_settings(model) is not None:
         raise ValueError('model already has FMD; call timm_fmd.remove_fmd(model) first')
     sites = find_sites(model, settings.stages, settings.sites, settings.input_size)
-    names = feature_stages(model)
+    paths = feature_stages(model)
+    names = [model.feature_info[i]['module'] for i in range(len(paths))]
+    chosen = sorted({s % len(names) for s in settings.stages})
+    cut = [names[i] for i in chosen if paths[i] is None]
+    where = f'{type(model).__name__}' + (f' (stage(s) {cut} are cut off: a features_only model ends at its last '
+                                         f'out_indices stage)' if cut else '')
     if not sites:
-        chosen = {s % len(names): names[s % len(names)] for s in settings.stages}
-        raise ValueError(f'no FMD site ({"/".join(settings.sites)}) found in stages {settings.stages} = {chosen} of '
-                         f'{type(model).__name__}; its feature_info stages are {names}')
-    empty = sorted({s % len(names) for s in settings.stages} - {site.stage for site in sites})
+        raise ValueError(f'no FMD site ({"/".join(settings.sites)}) found in stages {settings.stages} = '
+                         f'{ {i: names[i] for i in chosen} } of {where}; its feature_info stages are {names}')
+    if cut:
+        warnings.warn(f'FMD: no site in feature_info stage(s) {cut}: they are not in this {type(model).__name__} '
+                      f'(a features_only model ends at its last out_indices stage)')
+    empty = [names[i] for i in chosen if paths[i] is not None and i not in {site.stage for site in sites}]
     if empty:
-        warnings.warn(f'FMD: no site in feature_info stage(s) {[names[i] for i in empty]} of {type(model).__name__}')
+        warnings.warn(f'FMD: no site in feature_info stage(s) {empty} of {type(model).__name__}')
     scale = dict(zip((s % len(names) for s in settings.stages), settings.stage_scale or [1.0] * len(names)))
     for site in sites:
         op = _make_op(settings, site, settings.prob * scale[site.stage])
         if site.next_layer is not None:
             op.link(model.get_submodule(site.next_layer))
-        if site.slot:
-            parent, _, name = site.path.rpartition('.')
-            setattr(model.get_submodule(parent), name, op)
-        else:
-            host = model.get_submodule(site.path)
-            host.add_module('fmd', op)
-            host.register_forward_hook(_SiteHook())
-    model.register_forward_pre_hook(_SiteGuard())
+        attach(model, op)
+    model.register_forward_pre_hook(SiteGuard())
     model.fmd_settings = settings  # a plain attribute: not in state_dict
     return model
 
@@ -209,34 +197,54 @@ def _make_op(settings: FMDSettings, site: Site, prob: float) -> FeatureMapDistor
 
 
 def reapply_fmd(model: nn.Module) -> int:
-    """Re-install the forward hooks of hook-based sites where they are missing; returns how many."""
-    repaired = 0
-    # runs before every training forward: modules() and a dict lookup, not names and getattr's miss path
-    for host in model.modules():
-        if isinstance(host._modules.get('fmd'), FeatureMapDistortion):
-            if not any(isinstance(h, _SiteHook) for h in host._forward_hooks.values()):
-                host.register_forward_hook(_SiteHook())
-                repaired += 1
-    return repaired
+    """Bring FMD in line with changes made to ``model`` now, rather than at the next training forward.
+
+    Each op still in the model keeps its place (hooks a conversion dropped are re-installed); an
+    op whose module was replaced follows its site into the module now at that path; next layers are
+    re-linked likewise; what cannot be followed is lost with a warning naming it (the rules:
+    :mod:`timm_fmd.attach`). Works through wrappers (DistributedDataParallel, an EMA holder).
+    Returns how many sites were re-attached, re-hooked or re-linked.
+    """
+    return sum(sync(root) for _, root in list(fmd_roots(model)))
 
 
 def remove_fmd(model: nn.Module) -> nn.Module:
     """Take FMD out of ``model`` (in place): slots get their ``nn.Identity`` back, hooks go."""
     if fmd_settings(model) is None:
         raise ValueError('model has no FMD to remove')
-    for path, op in fmd_ops(model):
-        parent, _, name = path.rpartition('.')
-        host = model.get_submodule(parent)
-        if op.site.slot:
-            setattr(host, name, nn.Identity())
-        else:
-            del host._modules[name]
-            for key in [k for k, h in host._forward_hooks.items() if isinstance(h, _SiteHook)]:
-                del host._forward_hooks[key]
-    for key in [k for k, h in model._forward_pre_hooks.items() if isinstance(h, _SiteGuard)]:
+    if OPS not in model.__dict__:
+        raise ValueError(f'FMD is traced into this {type(model).__name__} (features_only with feature_cls="fx"); '
+                         f'create the model without fmd_* arguments for one without FMD')
+    sync(model)
+    for op in list(model.__dict__[OPS]):
+        detach(model, op)
+    for key in [k for k, h in model._forward_pre_hooks.items() if isinstance(h, SiteGuard)]:
         del model._forward_pre_hooks[key]
-    del model.fmd_settings
+    del model.fmd_settings, model.__dict__[OPS]
     return model
+
+
+def site_summary(model: nn.Module) -> str:
+    """One line per feature_info stage: how many conv and skip sites the next training forward runs.
+
+    E.g. ``FMD: 14 sites (12 linked to a next layer, 2 use the fixed weight 0.01)`` followed by
+    ``  stage 3 (layer3): 5 conv, 2 skip``. Works through wrappers; a model without FMD says so.
+    """
+    ops = fmd_ops(model)
+    if not ops:
+        return f'FMD: no sites in {type(model).__name__} (FMD is OFF)'
+    info = getattr(_holder(model), 'feature_info', None) or []
+    names = {i: info[i]['module'] for i in range(len(info))}
+    counts: Dict[int, Dict[str, int]] = {}
+    for _, op in ops:
+        kinds = counts.setdefault(op.site.stage, {})
+        kinds[op.site.kind] = kinds.get(op.site.kind, 0) + 1
+    linked = sum(op.site.next_layer is not None for _, op in ops)
+    lines = [f'FMD: {len(ops)} sites ({linked} linked to a next layer, {len(ops) - linked} use the fixed weight 0.01)']
+    for stage in sorted(counts):
+        kinds = ', '.join(f'{counts[stage][k]} {k}' for k in SITE_KINDS if k in counts[stage])
+        lines.append(f'  stage {stage} ({names.get(stage, "?")}): {kinds}')
+    return '\n'.join(lines)
 
 
 def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> str:
@@ -246,8 +254,7 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
     if not ops:
         return f'{type(model).__name__}: no FMD sites (FMD is OFF)'
     shapes = _site_shapes(model, ops, input_size) if input_size is not None else {p: op.site.shape for p, op in ops}
-    # the model FMD was applied to: ``model`` itself or one it wraps (DistributedDataParallel, EMA)
-    holder = next((m for m in model.modules() if fmd_settings(m) is not None), model)
+    holder = _holder(model)
     settings = fmd_settings(holder)
     size = tuple(input_size) if input_size is not None else (
         (settings.input_size if settings else None) or probe_input_size(holder))
@@ -258,8 +265,7 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
         shape = shapes.get(path, op.site.shape)
         expected = op.current_prob
         if isinstance(op, BlockFeatureMapDistortion):
-            h, w = (shape[2], shape[3]) if op.site.layout == 'NCHW' else (shape[1], shape[2])
-            expected = op.expected_fraction(h, w)
+            expected = op.expected_fraction(*_map_size(op, shape))
         last = op.realised_fraction()
         rows.append((str(i), str(op.site.stage), op.site.kind, path, 'x'.join(map(str, shape[1:])),
                      f'{op.current_prob:.4g}/{op.prob:.4g}', f'{expected:.4f}', '-' if last is None else f'{last:.4f}',
@@ -269,7 +275,37 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
     line = lambda r: '  '.join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     title = (f'{type(model).__name__}: {len(ops)} FMD sites at input {size}, ramp '
              f'{ops[0][1].ramp.count}/{ops[0][1].ramp.steps} steps, gamma={settings.gamma if settings else "?"}')
-    return '\n'.join([title, line(header), line(tuple('-' * w for w in widths))] + [line(r) for r in rows])
+    legend = ('expected: the fraction of the map the op distorts at the current probability; last: the fraction '
+              'it distorted in its last training forward (- before the first)')
+    return '\n'.join([title, line(header), line(tuple('-' * w for w in widths))] + [line(r) for r in rows] + [legend])
+
+
+def _map_size(op: FeatureMapDistortion, shape: Sequence[int]) -> Tuple[int, int]:
+    return (shape[2], shape[3]) if op.site.layout == 'NCHW' else (shape[1], shape[2])
+
+
+def oversized_blocks(model: nn.Module, input_size: Sequence[int]) -> List[str]:
+    """One warning per (block, map size) where a block FMD site's feature map at ``input_size`` (C, H, W) is
+    smaller than the block. The op clamps the block to the map (as DropBlock does), so each block then
+    covers the map's whole height or width: rarely what the block size was chosen for."""
+    ops = [(path, op) for path, op in fmd_ops(model) if isinstance(op, BlockFeatureMapDistortion)]
+    if not ops:
+        return []
+    shapes = _site_shapes(model, ops, input_size)
+    small: Dict[Tuple[int, int, int], List[str]] = {}
+    for path, op in ops:
+        h, w = _map_size(op, shapes.get(path, op.site.shape))
+        if op.block_size > min(h, w):
+            small.setdefault((op.block_size, h, w), []).append(path)
+    return [f'FMD block size {block} exceeds the {h}x{w} feature maps of {len(paths)} site(s) '
+            f'({paths[0]}{", ..." if len(paths) > 1 else ""}) at input {tuple(input_size)}: clamped to '
+            f'{min(block, h)}x{min(block, w)} there; --fmd-block-size {min(h, w)} or less fits them'
+            for (block, h, w), paths in small.items()]
+
+
+def _holder(model: nn.Module) -> nn.Module:
+    """The model FMD was applied to: ``model`` itself or one it wraps (DistributedDataParallel, EMA)."""
+    return next((m for m in model.modules() if fmd_settings(m) is not None), model)
 
 
 def _site_shapes(model: nn.Module, ops, input_size: Sequence[int]) -> Dict[str, Tuple[int, ...]]:

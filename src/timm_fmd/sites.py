@@ -21,8 +21,11 @@ hook sees) and module hooks see which module ran on which tensor. From that grap
   channels match. Pooling, concatenation or padding end the search: the last site before the
   head links to nothing, and the op falls back to the authors' fixed weight.
 
-Stages are timm's own ``feature_info`` entries, indexed like ``out_indices`` (negatives allowed):
-a site belongs to a stage when its module path lies inside the stage's module.
+Stages are timm's own ``feature_info`` entries, indexed like ``out_indices`` (negatives allowed),
+over all of the architecture's stages, also in a ``features_only`` model
+(:func:`timm_fmd.stages.feature_stages`):
+a skip site belongs to the stage its block runs in, a conv site to the stage its convolution runs in
+(its norm or activation may come after the stage's feature module, as NF-RegNet's ``final_act``).
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ['Site', 'find_sites', 'feature_stages', 'probe_input_size']
+from .stages import feature_stages, probe_input_size
+
+__all__ = ['Site', 'find_sites']
 
 _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
          torch.Tensor.__iadd__}
@@ -217,41 +222,6 @@ def _is_producer(m: nn.Module, call: _Call, rec: _Recorder) -> bool:
     return isinstance(m, nn.Linear) and len(shape) == 2
 
 
-def feature_stages(model: nn.Module) -> List[str]:
-    """Module paths of the model's feature_info stages, in order."""
-    info = getattr(model, 'feature_info', None)
-    if info is None:
-        raise ValueError(f'{type(model).__name__} has no feature_info: FMD stages are timm feature_info entries')
-    if hasattr(info, 'module_name'):  # FeatureInfo of a features_only model
-        return list(info.module_name())
-    return [entry['module'] for entry in info]
-
-
-def probe_input_size(model: nn.Module) -> Tuple[int, ...]:
-    """The input size the model was built for, e.g. ``(3, 224, 224)``.
-
-    From the pretrained cfg, corrected by what the model itself says: ``in_chans`` and ``img_size``
-    keyword arguments change the model but not its pretrained cfg.
-    """
-    cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
-    size = tuple(cfg.get('input_size', (3, 224, 224)))
-    first = cfg.get('first_conv')
-    first = first[0] if isinstance(first, (list, tuple)) else first
-    try:
-        conv = model.get_submodule(first) if first else None
-    except AttributeError:
-        conv = None
-    if not isinstance(conv, nn.Conv2d):
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = conv.in_channels if conv is not None else size[0]
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)  # fixed-size models (ViT, Swin)
-    if img_size is not None:
-        spatial = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    else:
-        spatial = size[1:]
-    return (channels, *spatial)
-
-
 def _layout(shape: Tuple[int, ...], channels: Optional[int]) -> str:
     if len(shape) == 2:
         return 'NC'
@@ -262,11 +232,12 @@ def _layout(shape: Tuple[int, ...], channels: Optional[int]) -> str:
     return 'NCHW'
 
 
-def _stage_spans(rec: _Recorder, names: List[str], chosen: Sequence[int]) -> Dict[int, Tuple[int, int]]:
+def _stage_spans(rec: _Recorder, names: List[Optional[str]], chosen: Sequence[int]) -> Dict[int, Tuple[int, int]]:
     """Tick span of each chosen stage: from the exit of the previous feature_info module to its own exit.
 
     Spans, not module paths, because timm's feature_info may name a container ('layer3') or a single
-    layer of a flat Sequential ('features.15' in VGG).
+    layer of a flat Sequential ('features.15' in VGG). A stage the model lacks (``None``: cut off by
+    a features_only wrapper) has no span.
     """
     def end(path: str) -> Optional[int]:
         # a stage may be a ModuleList that is never called itself: take the last exit inside it
@@ -275,6 +246,8 @@ def _stage_spans(rec: _Recorder, names: List[str], chosen: Sequence[int]) -> Dic
 
     spans = {}
     for index in chosen:
+        if names[index] is None:
+            continue
         until = end(names[index])
         if until is None:
             raise ValueError(f'feature_info stage {index} ({names[index]!r}) did not run in the probe forward')
@@ -389,23 +362,25 @@ def find_sites(
     # one call per module: a module that runs twice (weight sharing, a reused activation) is no site
     calls = [c for c in rec.calls if counts[c.path] == 1 and c.output is not None and c.input is not None]
 
-    found: Dict[str, Tuple[str, _Call]] = {}
+    # path -> (kind, site call, the call deciding its stage: a conv site belongs to its conv's stage, also
+    # where its norm or activation comes after the stage's feature module)
+    found: Dict[str, Tuple[str, _Call, _Call]] = {}
     if 'conv' in kinds:
         for i, producer in enumerate(calls):
             if _is_producer(producer.module, producer, rec):
                 site = _conv_site(rec, producer, calls[i + 1:])
-                found.setdefault(site.path, ('conv', site))
+                found.setdefault(site.path, ('conv', site, producer))
     if 'skip' in kinds:
         claimed: set = set()
         for call in sorted(calls, key=lambda c: -c.order):  # innermost (latest-starting) module first
             adds = _residual_adds(rec, call, calls, claimed)
             if adds:
                 claimed.update(adds)
-                found.setdefault(call.path, ('skip', call))
+                found.setdefault(call.path, ('skip', call, call))
 
     sites = []
-    for path, (kind, call) in sorted(found.items(), key=lambda item: item[1][1].start):
-        stage = _in_stage(call, spans)
+    for path, (kind, call, member) in sorted(found.items(), key=lambda item: item[1][1].start):
+        stage = _in_stage(member, spans)
         if stage is None:
             continue
         slot = _slot_for(call, calls) if kind == 'conv' else None

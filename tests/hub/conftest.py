@@ -71,7 +71,8 @@ def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home: Pat
             if vars(module).get(name, value) == old:
                 monkeypatch.setattr(module, name, value)
     origins = (constants._HF_DEFAULT_ENDPOINT, constants._HF_DEFAULT_STAGING_ENDPOINT, endpoint, 'https://hf.co')
-    monkeypatch.setattr(_http, '_HUB_ORIGINS', frozenset(_http._url_origin(e) for e in origins))
+    if hasattr(_http, '_HUB_ORIGINS'):  # huggingface_hub >= 2.2 sends the token to these origins only
+        monkeypatch.setattr(_http, '_HUB_ORIGINS', frozenset(_http._url_origin(e) for e in origins))
     for module in client_modules:
         for name, value in list(vars(module).items()):
             if isinstance(value, huggingface_hub.HfApi):
@@ -175,6 +176,17 @@ def _plot_curves(rows: list[dict], out: Path) -> None:
     ax.plot([r['epoch'] for r in rows], [r['train_top1'] for r in rows], label='train')
     fig.savefig(out)
     plt.close(fig)
+
+
+def make_image_folder(root: Path, per_split: dict) -> Path:
+    """``root/<split>/<class>/NNN.png``: 16x16 images of three flat colours (classes circle, square, stripes)."""
+    from PIL import Image
+    for split, n in per_split.items():
+        for c, colour in (('circle', (200, 30, 30)), ('square', (30, 200, 30)), ('stripes', (30, 30, 200))):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new('RGB', (16, 16), tuple(v + 5 * i for v in colour)).save(root / split / c / f'{i:03d}.png')
+    return root
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ Standard library only: two ``ThreadingHTTPServer``s on 127.0.0.1 with OS-chosen 
 
 * the Hub (``HubServer.url``, what ``HF_ENDPOINT`` points at): whoami, YAML validation, repo create/delete,
   branches, preupload, the git-LFS batch + verify API, NDJSON commits, model info (optionally at a revision),
-  tree, commit and ref listings, and ``resolve`` (HEAD/GET) with the Hub's headers;
+  tree, commit and ref listings, ``resolve`` (HEAD/GET) with the Hub's headers, and dataset info for the public
+  data sets in ``DATASETS`` (404 for any other id, as the Hub answers for a data set that does not exist);
 * a "CDN" on its own port, i.e. another origin, the way the Hub's LFS storage is: the LFS basic-transfer PUT
   target and the redirect target of LFS downloads. URLs are signed (HMAC query) rather than authenticated,
   so the client must (and does) drop its Authorization header there.
@@ -36,6 +37,7 @@ import yaml
 TOKEN = 'hf_local_test_token'
 USER = 'tester'
 ORGS = ('fmd-org', 'timm-fmd')  # timm-fmd: the default organisation of the project's published tags
+DATASETS = ('uoft-cs/cifar10',)  # public data sets of the real Hub that this one knows (dataset info only)
 
 # The LFS rules of the .gitattributes the Hub puts in every new model repo (abridged to the weight formats).
 DEFAULT_GITATTRIBUTES = ''.join(
@@ -50,6 +52,7 @@ _ROUTES = [  # (methods, path regex, route name == handler suffix)
     ('POST', r'/api/repos/create', 'create_repo'),
     ('DELETE', r'/api/repos/delete', 'delete_repo'),
     ('GET', rf'/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?', 'model_info'),
+    ('GET', rf'/api/datasets/{_REPO}(?:/revision/(?P<rev>[^/]+))?', 'dataset_info'),
     ('GET', rf'/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?', 'tree'),
     ('GET', rf'/api/models/{_REPO}/commits/(?P<rev>[^/]+)', 'commits'),
     ('GET', rf'/api/models/{_REPO}/refs', 'refs'),
@@ -371,6 +374,13 @@ class _Handler(BaseHTTPRequestHandler):
             'library_name': card.get('library_name'), 'tags': card.get('tags', []),
             'pipeline_tag': card.get('pipeline_tag'), 'cardData': card or None, 'siblings': siblings,
             'downloads': 0, 'likes': 0})
+
+    def _dataset_info(self, repo, rev='main'):
+        if repo not in DATASETS:
+            raise HttpError(404, 'Repository not found', 'RepoNotFound')
+        return self._send(200, {'id': repo, 'author': repo.split('/')[0], 'sha': '0' * 40, 'private': False,
+                                'gated': False, 'disabled': False, 'downloads': 0, 'likes': 0, 'tags': [],
+                                'cardData': None, 'siblings': []})
 
     def _tree(self, repo, rev, path=''):
         self._readable(repo)

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from timm_fmd.hub import model_card, model_stats, read_run
-from timm_fmd.hub.card import _dataset_id
 from timm_fmd.hub.publish import build_model
 
 from .conftest import FMD
@@ -50,24 +49,37 @@ def test_model_stats_counts_params_macs_and_activations():
     assert model.training  # the mode is restored
 
 
+def test_model_stats_measures_a_model_on_its_own_device():
+    """The probe image is made on the model's device: on 'meta' (a stand-in for a GPU on this CPU machine) the
+    statistics equal the CPU ones instead of failing on a CPU tensor mixed in."""
+    model = _TinyNet()
+    assert model_stats(model.to('meta'), (3, 8, 8)) == model_stats(_TinyNet(), (3, 8, 8))
+
+
 def test_front_matter_and_numbers_come_from_results(make_run):
     run_dir = make_run()
     results = json.loads((run_dir / 'results.json').read_text())
-    card = _card(run_dir, license='mit')
+    card = _card(run_dir, license='mit', dataset='uoft-cs/cifar10')
     data = card.data
     assert data.library_name == 'timm' and data.license == 'mit' and data.pipeline_tag == 'image-classification'
     assert data.tags == ['image-classification', 'timm', 'feature-map-distortion']
-    assert data.datasets == ['digits'] and data.metrics == ['accuracy']
+    assert data.datasets == ['uoft-cs/cifar10'] and data.metrics == ['accuracy']
     by_config = {r.metric_config: r for r in data.eval_results}
     assert by_config['top1'].metric_value == results['best']['val_top1']
     assert by_config['top5'].metric_value == results['best']['val_top5']
     assert {r.dataset_split for r in data.eval_results} == {'carved'}
+    assert {r.dataset_type for r in data.eval_results} == {'uoft-cs/cifar10'}
+    assert '- **Dataset:** [uoft-cs/cifar10](https://huggingface.co/datasets/uoft-cs/cifar10)' in card.text
+    assert "- **Classes (3, in output order):** `cat`, `dog`, `frog`" in card.text
+    assert '![Top-1 accuracy and loss per epoch, training dashed, validation solid](curves.png)' in card.text
+    assert '- **Training time:** 0.1 min (4 s) wall clock, 901 images/s while training' in card.text
+    assert '- **Training hardware:** not recorded' in card.text  # make_run predates the hardware record
     assert _row(card, 'Top-1 accuracy (%)') == [f"{results['best']['val_top1']:.2f}"]
     assert _row(card, 'Final train-val gap (pp)') == [f"{results['train_val_gap']:.2f}"]
     assert _row(card, 'Evaluated epoch') == [str(results['best']['epoch'])]
     headings = re.findall(r'^##+ (.+)$', card.text, re.M)
-    assert headings == ['Model Details', 'Model Usage', 'Image Classification', 'Feature Map Extraction',
-                        'Image Embeddings', 'Training', 'Results', 'Citation']
+    assert headings == ['Model Details', 'Intended Use and Limitations', 'Model Usage', 'Image Classification',
+                        'Feature Map Extraction', 'Image Embeddings', 'Training', 'Results', 'Citation']
     for key, value in FMD.items():
         assert f'| `fmd_{key}` | {json.dumps(value)} |' in card.text
     assert (run_dir / 'config.yaml').read_text().strip() in card.text
@@ -81,7 +93,7 @@ def test_front_matter_and_numbers_come_from_results(make_run):
 def test_published_checkpoint_decides_which_numbers(make_run):
     run_dir = make_run()
     results = json.loads((run_dir / 'results.json').read_text())
-    card = _card(run_dir / 'checkpoints' / 'last.safetensors')
+    card = _card(run_dir / 'checkpoints' / 'last.safetensors', dataset='uoft-cs/cifar10')
     assert {r.metric_config: r.metric_value for r in card.data.eval_results} == {
         'top1': results['final']['val_top1'], 'top5': results['final']['val_top5']}
 
@@ -127,7 +139,29 @@ def test_stats_in_card_are_the_models(make_run):
     assert torch.equal(model.fc.weight, load_file(str(run.checkpoint))['fc.weight'])
 
 
-@pytest.mark.parametrize('name, expected', [('digits', 'digits'), ('/data/cifar10-jpg', 'cifar10-jpg'),
-                                            ('/data/cifar10-jpg/train.tar', 'cifar10-jpg')])
-def test_dataset_id_from_the_recorded_data_name(name, expected):
-    assert _dataset_id(name) == expected
+def test_metadata_lists_only_a_hub_dataset_and_rounds_its_numbers(make_run):
+    """Without a Hub dataset id the front matter names no data set and has no model-index (its dataset must be a
+    Hub id); the numbers stay in the card. model-index values are rounded to 0.01, as the card's tables are."""
+    run_dir = make_run()
+    results = json.loads((run_dir / 'results.json').read_text())
+    results['best']['val_top1'] = 21.666666666666668
+    (run_dir / 'results.json').write_text(json.dumps(results))
+    card = _card(run_dir)
+    assert card.data.datasets is None and card.data.eval_results is None and 'model-index' not in card.content
+    assert 'UCI handwritten digits embedded in timm-fmd' in card.text and _row(card, 'Top-1 accuracy (%)') == ['21.67']
+    card = _card(run_dir, dataset='uoft-cs/cifar10')
+    assert {r.metric_config: r.metric_value for r in card.data.eval_results}['top1'] == 21.67
+    assert 'value: 21.67\n' in card.content and '21.666' not in card.content
+
+
+def test_hardware_and_many_classes(make_run):
+    run_dir = make_run()
+    results = json.loads((run_dir / 'results.json').read_text())
+    results.update(hardware=dict(device='cuda', name='NVIDIA H200', processes=2, threads=8), wall_time_s=5400.0)
+    (run_dir / 'results.json').write_text(json.dumps(results))
+    text = _card(run_dir).text
+    assert '- **Training hardware:** 2 x GPU (NVIDIA H200), 8 torch CPU thread(s) per process' in text
+    assert '- **Training time:** 90.0 min (5400 s) wall clock' in text
+    from timm_fmd.hub.card import _classes
+    many = _classes([f'c{i}' for i in range(25)])
+    assert many.startswith('- **Classes (25, in output order):** <details>') and '`c24`' in many

@@ -11,11 +11,11 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from safetensors.torch import load_file
 
-from timm_fmd.hub import PublishError, load_fmd_settings, publish, push_to_hub, save_pretrained
+from timm_fmd.hub import PublishError, load_fmd_settings, publish, push_to_hub, read_run, save_pretrained
 from timm_fmd.hub.publish import REPO_FILES
 
 from .conftest import ARCH, FMD, LABELS
-from .hub_server import ORGS
+from .hub_server import ORGS, TOKEN
 
 REPO = f'{ORGS[0]}/tiny-fmd'
 FMD_KWARGS = {f'fmd_{k}': tuple(v) if isinstance(v, list) else v for k, v in FMD.items()}
@@ -53,8 +53,9 @@ def test_dry_run_folder_loads_in_plain_timm(make_run, tmp_path):
     assert config['label_names'] == LABELS and config['model_args']['num_classes'] == len(LABELS)
     assert config['fmd'] == {'model': f'fmd_{ARCH}', 'settings': FMD, 'global_steps': 60}
     assert config['pretrained_cfg']['input_size'] == [3, 32, 32] and config['pretrained_cfg']['std'] == [0.25] * 3
+    # a run that names no local path is published as it is
     assert (out / 'train_config.yaml').read_text() == (run_dir / 'config.yaml').read_text()
-    assert (out / 'results.json').read_text() == (run_dir / 'results.json').read_text()
+    assert json.loads((out / 'results.json').read_text()) == json.loads((run_dir / 'results.json').read_text())
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     _assert_same_weights(model, _weights(run_dir))
     assert model.pretrained_cfg['label_names'] == LABELS and model.pretrained_cfg['mean'] == [0.5] * 3
@@ -89,7 +90,7 @@ def test_failed_save_leaves_nothing(make_run, tmp_path):
 def test_round_trip_through_the_hub(hub, make_run):
     run_dir = make_run()
     results = json.loads((run_dir / 'results.json').read_text())
-    commit = push_to_hub(run_dir, REPO)
+    commit = push_to_hub(run_dir, REPO, dataset='uoft-cs/cifar10')
     assert commit.commit_url == f'{hub.url}/{REPO}/commit/{commit.oid}'
     assert hub.calls(f'/api/models/{REPO}/commit/main', 'POST') == 1  # one commit
     assert sorted(huggingface_hub.list_repo_files(REPO)) == sorted(['.gitattributes', *REPO_FILES])
@@ -155,9 +156,21 @@ def test_server_error_on_commit(hub, make_run, private_tmp):
 
 def test_missing_token(hub, make_run, monkeypatch, private_tmp):
     monkeypatch.delenv('HF_TOKEN')
-    with pytest.raises(PublishError, match='no Hugging Face token'):
+    with pytest.raises(PublishError, match=r'no Hugging Face token .*: set HF_TOKEN or run `hf auth login`'):
         push_to_hub(make_run(), REPO)
     assert hub.log == [] and _listing(private_tmp) == []
+    monkeypatch.setenv('HF_TOKEN', TOKEN)  # the advice
+    assert push_to_hub(make_run('again'), REPO).oid
+
+
+def test_overwrite_advice_from_the_command_line(make_run, tmp_path, capsys):
+    from timm_fmd import cli
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'folder' / 'notes.txt').write_text('mine')
+    args = ['publish', str(make_run()), '--out-dir', str(tmp_path / 'folder')]
+    assert cli.main(args) == 1
+    assert 'pass --overwrite (Python: overwrite=True) to replace it' in capsys.readouterr().err
+    assert cli.main(args + ['--overwrite']) == 0  # the advice
 
 
 @pytest.mark.parametrize('token, repo_id, message', [
@@ -214,6 +227,8 @@ def test_trained_run_round_trip_restores_fmd(hub, trained_run, tmp_path):
     plain = timm.create_model(f'hf-hub:{repo}', pretrained=True)
     _assert_same_weights(plain, _weights(trained_run))
     assert timm_fmd.fmd_ops(plain) == []  # plain timm: inference only, no FMD
+    # the run's classes, not those of cifar_resnet20's default tag (CIFAR-10, also 10 classes)
+    assert plain.pretrained_cfg['label_names'] == results['label_names'] == [str(d) for d in range(10)]
     for name in (f'hf-hub:{repo}', f'hf-hub:{repo}@{first.oid}',
                  f'local-dir:{save_pretrained(trained_run, tmp_path / "folder")}'):
         model = timm_fmd.create_model(name, pretrained=True)
@@ -225,3 +240,29 @@ def test_trained_run_round_trip_restores_fmd(hub, trained_run, tmp_path):
         assert timm_fmd.current_prob(model) == pytest.approx(results['fmd']['prob'])  # the ramp had finished
     overridden = timm_fmd.create_model(f'hf-hub:{repo}', pretrained=True, fmd_prob=0.05)
     assert timm_fmd.fmd_settings(overridden).prob == 0.05
+
+
+def test_a_published_folder_is_published_again_unchanged(make_run, tmp_path):
+    """read_run takes a folder save_pretrained wrote (e.g. to render it with a newer card): in place, same files."""
+    folder = save_pretrained(make_run(), tmp_path / 'tiny', repo_id=REPO, dataset='uoft-cs/cifar10')
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    again = read_run(folder)
+    assert again.weights == 'best.safetensors' and again.checkpoint == folder / 'model.safetensors'
+    save_pretrained(folder, folder, repo_id=REPO, dataset='uoft-cs/cifar10')
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_fmd_on_a_hub_model_as_the_advice_says(hub, make_run, tmp_path, monkeypatch, capsys):
+    """--fmd-* with --model hf-hub:... is refused with a command; that command trains from the Hub weights."""
+    from timm_fmd import cli
+    from .conftest import make_image_folder
+    push_to_hub(make_run(), REPO)
+    monkeypatch.setenv('TIMM_FMD_CACHE', str(tmp_path / 'cache'))
+    data = make_image_folder(tmp_path / 'data', {'train': 8, 'val': 2})
+    common = ['train', '--data-dir', str(data), '--img-size', '16', '-b', '8', '--epochs', '1', '-j', '0', '--output',
+              str(tmp_path / 'out'), '--fmd-prob', '0.2', '--fmd-stages', '-1']
+    assert cli.main(common + ['--model', f'hf-hub:{REPO}']) == 2
+    assert f'(use --model fmd_<its architecture> --pretrained hf-hub:{REPO})' in capsys.readouterr().err
+    assert cli.main(common + ['--model', f'fmd_{ARCH}', '--pretrained', f'hf-hub:{REPO}', '--experiment', 'ok']) == 0
+    results = json.loads((tmp_path / 'out' / 'ok' / 'results.json').read_text())
+    assert results['pretrained'] == f'hf-hub:{REPO}' and results['fmd']['prob'] == 0.2

@@ -1,18 +1,24 @@
 """The project's published checkpoints: each pretrained tag has its repository folder in model_cards/,
 resolves through the Hub client, and reproduces the accuracy its card states."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
+from timm_fmd.hub.privacy import _is_local_path, find_leaks, private_strings
 from timm_fmd.hub.publish import REPO_FILES
 from timm_fmd.models.cifar_resnet import HUB_ORG, PUBLISHED
 
 CARDS = Path(__file__).resolve().parents[2] / 'model_cards'
+
+
+DATASETS = {'cifar_resnet20.bfmd_cifar10': 'uoft-cs/cifar10', 'cifar_resnet20.bfmd_digits': None}  # Hub ids
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED))
@@ -24,12 +30,38 @@ def test_card_folder_holds_the_measured_numbers(name):
     arch, tag = name.split('.')
     assert config['architecture'] == arch == results['architecture'] and config['fmd'] is not None
     assert tuple(config['label_names']) == PUBLISHED[name]['label_names']
+    assert config['pretrained_cfg']['label_names'] == config['label_names']  # what model.pretrained_cfg gives
     card = ModelCard.load(folder / 'README.md')
-    metrics = {m.metric_type + ':' + (m.metric_config or ''): m.metric_value for m in card.data.eval_results}
-    assert metrics['accuracy:top1'] == results['best']['val_top1']  # best.safetensors is what is published
-    assert f"{results['best']['val_top1']:.2f}" in card.text
+    best = results['best']['val_top1']  # best.safetensors is what is published
+    assert f'| Top-1 accuracy (%) | {best:.2f} |' in card.text
+    if DATASETS[name] is None:  # no Hub data set: no datasets metadata, no model-index
+        assert card.data.datasets is None and card.data.eval_results is None
+    else:
+        assert card.data.datasets == [DATASETS[name]]
+        metrics = {m.metric_type + ':' + (m.metric_config or ''): m.metric_value for m in card.data.eval_results}
+        assert metrics['accuracy:top1'] == round(best, 2)
     cfg = timm.models.get_pretrained_cfg(name)
     assert cfg.hf_hub_id == f'{HUB_ORG}/{name}' and cfg.num_classes == config['num_classes']
+
+
+def _absolute_paths(value):
+    if isinstance(value, str):
+        return [value] if _is_local_path(value) else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [p for v in value for p in _absolute_paths(v)] if isinstance(value, list) else []
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_card_folder_names_no_local_path(name):
+    """No setting or result is a local path, the card text names none, and nothing names this machine."""
+    folder = CARDS / name
+    parsers = {'config.json': json.loads, 'results.json': json.loads, 'train_config.yaml': yaml.safe_load}
+    for file, parse in parsers.items():
+        assert _absolute_paths(parse((folder / file).read_text())) == [], file
+    text = (folder / 'README.md').read_text()
+    assert re.findall(r'(?<![\w:/.~-])(?:/[\w.-]+){2,}', text) == []  # URLs and repo ids are not matched
+    assert find_leaks(folder, private_strings([folder], []), allow=[f'{HUB_ORG}/{name}']) == []
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED))

@@ -65,3 +65,23 @@ def quick_config(data: Path, output: Path, **overrides) -> TrainConfig:
                   sched='step', decay_epochs=1.0, decay_rate=0.5, lr=0.05, rotate=0.0)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+class FakeCuda:
+    """Stands in for ``torch.cuda`` on a machine without a GPU: ``count`` devices, the current one
+    ``current``, ``set_device`` calls recorded, and CPU generators as the devices' default generators."""
+
+    def __init__(self, monkeypatch, count: int = 2, current: int = 0):
+        self.count, self.current, self.set_calls = count, current, []
+        self.generators = tuple(torch.Generator() for _ in range(count))
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: self.count)
+        monkeypatch.setattr(torch.cuda, 'current_device', lambda: self.current)
+        monkeypatch.setattr(torch.cuda, 'set_device', self.set_calls.append)
+        monkeypatch.setattr(torch.cuda, 'init', lambda: None)
+        monkeypatch.setattr(torch.cuda, 'default_generators', self.generators)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch) -> FakeCuda:
+    return FakeCuda(monkeypatch)

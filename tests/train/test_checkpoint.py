@@ -78,3 +78,41 @@ def test_rng_capture_restore_round_trip(tmp_path):
     restore_rng(torch.load(tmp_path / 'rng.pt', weights_only=True))
     again = (torch.rand(3), random.random(), np.random.normal())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+def test_cuda_rng_is_captured_per_device_and_restored_onto_another_index(fake_cuda, tmp_path):
+    """A rank on cuda:1 saves cuda:1's generator only; resumed on a rank whose GPU is cuda:0, the same stream
+    continues there (fake_cuda: CPU generators stand in for the two devices' default generators)."""
+    gen0, gen1 = fake_cuda.generators
+    gen0.manual_seed(1)
+    gen1.manual_seed(2)
+    torch.rand(5, generator=gen1)  # some masks already drawn
+    torch.save(capture_rng(torch.device('cuda', 1)), tmp_path / 'rng.pt')
+    expected = torch.rand(4, generator=gen1)
+    restore_rng(torch.load(tmp_path / 'rng.pt', weights_only=True), torch.device('cuda', 0))
+    assert torch.equal(torch.rand(4, generator=gen0), expected)
+    assert not torch.equal(torch.rand(4, generator=gen1), expected)  # cuda:1 went on with its own stream
+    before = [g.get_state() for g in fake_cuda.generators]
+    restore_rng(torch.load(tmp_path / 'rng.pt', weights_only=True), torch.device('cpu'))  # a CPU run: no CUDA
+    assert all(torch.equal(g.get_state(), b) for g, b in zip(fake_cuda.generators, before))
+    with pytest.raises(ValueError, match='a CUDA generator needs an indexed device such as cuda:0, got cuda'):
+        capture_rng(torch.device('cuda'))
+
+
+def test_cpu_rng_state_resumed_on_cuda_seeds_the_device_per_rank(fake_cuda, monkeypatch):
+    """A checkpoint made on the CPU holds no CUDA stream: each rank's device generator is then seeded from
+    that rank's restored CPU state (deterministic, and distinct per rank)."""
+    monkeypatch.setattr(torch.cuda, 'init', lambda: pytest.fail('capture on the CPU must not touch CUDA'))
+    states = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        states.append(capture_rng())
+    assert all(s['cuda'] is None for s in states)
+    monkeypatch.setattr(torch.cuda, 'init', lambda: None)
+    draws = []
+    for state in states:
+        restore_rng(state, torch.device('cuda', 1))
+        draws.append(torch.rand(4, generator=fake_cuda.generators[1]))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    restore_rng(dict(states[0], cuda=[]), torch.device('cuda', 1))  # checkpoints before per-device capture
+    assert torch.equal(torch.rand(4, generator=fake_cuda.generators[1]), draws[0])

@@ -1,12 +1,15 @@
 import argparse
+import ast
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from timm_fmd.train.config import (TrainConfig, add_arguments, config_from_args, config_from_dict, fmd_kwargs,
-                                   load_yaml, merge, save_config, validate)
+from timm_fmd import FMDSettings
+from timm_fmd.train.config import (DIGITS_RECIPE, TrainConfig, add_arguments, config_from_args, config_from_dict,
+                                   fmd_kwargs, load_yaml, merge, resolved_lr, save_config, validate)
 
 CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
 
@@ -17,10 +20,73 @@ def parse(*argv: str) -> TrainConfig:
     return config_from_args(parser.parse_args(list(argv)))
 
 
-def test_defaults_are_valid_and_equal_the_digits_recipe():
-    cfg = validate(TrainConfig())
-    assert cfg.data_dir is None and cfg.model == 'fmd_cifar_resnet20'
-    assert config_from_dict(load_yaml(CONFIGS / 'digits.yaml')) == cfg
+# The TrainConfig defaults before the digits recipe moved out of them: a bare `timm-fmd train` still gets them.
+DIGITS_AS_BEFORE = dict(img_size=32, crop_pct=1.0, train_crop_mode='pad', crop_pad=2, hflip=0.0, rotate=10.0, lr=0.1,
+                        fmd_prob=0.1, fmd_block_size=3, fmd_stages=[-1], fmd_sites=['conv'], fmd_gamma=30.0,
+                        fmd_ramp_epochs=2.0)
+
+
+def test_bare_command_line_trains_the_digits_recipe_exactly_as_before():
+    cfg = parse()
+    assert cfg == TrainConfig(**DIGITS_AS_BEFORE)  # every other field kept its default
+    assert cfg == config_from_dict(load_yaml(DIGITS_RECIPE)) == config_from_dict(load_yaml(CONFIGS / 'digits.yaml'))
+    assert parse('--epochs', '3') == TrainConfig(**DIGITS_AS_BEFORE, epochs=3)  # options still override it
+    assert DIGITS_RECIPE.parent.name == 'data' and DIGITS_RECIPE.parent.parent.name == 'timm_fmd'  # shipped inside
+
+
+def test_a_data_dir_run_takes_the_model_and_registry_defaults(tmp_path):
+    cfg = parse('--data-dir', str(tmp_path), '--model', 'fmd_resnet18')
+    assert cfg == TrainConfig(data_dir=str(tmp_path), model='fmd_resnet18')
+    assert (cfg.img_size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation) == (None,) * 5  # the model's own
+    assert (cfg.train_crop_mode, cfg.hflip, cfg.rotate, cfg.lr) == ('rrc', 0.5, 0.0, None)  # timm's train.py
+    assert fmd_kwargs(cfg, steps_per_epoch=10) == {}
+    assert FMDSettings.from_kwargs(fmd_kwargs(cfg, steps_per_epoch=10)) == FMDSettings()  # the registry's
+
+
+def test_learning_rate_rule_is_timms():
+    """timm's train.py: lr_base 0.1 at a global batch of 256, linear for SGD, square root for ada*/lamb."""
+    assert resolved_lr(TrainConfig(batch_size=64)) == pytest.approx(0.025)
+    assert resolved_lr(TrainConfig(batch_size=64, grad_accum_steps=2), world_size=2) == pytest.approx(0.1)
+    assert resolved_lr(TrainConfig(batch_size=64, opt='adamw')) == pytest.approx(0.05)  # 0.1 * sqrt(1/4)
+    assert resolved_lr(TrainConfig(batch_size=64, opt='lamb')) == pytest.approx(0.05)
+    assert resolved_lr(TrainConfig(lr=0.3)) == 0.3
+
+
+def test_help_shows_one_set_of_defaults(capsys):
+    parser = argparse.ArgumentParser(prog='timm-fmd train')
+    add_arguments(parser)
+    parser.print_help()
+    text = ' '.join(capsys.readouterr().out.split())
+    img_size = "--img-size IMG_SIZE input image size (square); none = the model's pretrained_cfg input size"
+    assert f'{img_size} (default: none)' in text
+    for option, registry in (('--fmd-prob', '0.1'), ('--fmd-block-size', '7'), ('--fmd-stages', '-2 -1'),
+                             ('--fmd-sites', 'conv skip'), ('--fmd-gamma', '1.0'), ('--fmd-mode', 'approx')):
+        part = text[text.rindex(option + ' '):]  # the option's help, after the usage lines
+        assert part.split('(default: ', 1)[1].startswith(f"none = the registry's: {registry})"), option
+    assert '--no-no-aug' not in text and "--aug undo a recipe's --no-aug" in text
+
+
+def test_no_aug_flags(tmp_path):
+    (tmp_path / 'r.yaml').write_text('no_aug: true\n')
+    assert parse('-c', str(tmp_path / 'r.yaml')).no_aug is True
+    assert parse('-c', str(tmp_path / 'r.yaml'), '--aug').no_aug is False
+    assert parse('--no-aug').no_aug is True
+
+
+def test_readme_registry_table_states_the_registry_defaults():
+    """The docs' table of fmd_* defaults is FMDSettings'."""
+    readme = (CONFIGS.parent / 'README.md').read_text()
+    rows = [line.split('|')[1:3] for line in readme.splitlines() if line.startswith('| `fmd_')]
+    defaults = FMDSettings()
+    checked = 0
+    for names, values in rows:
+        names = re.findall(r'`fmd_(\w+)`', names)
+        for name, value in zip(names, values.split(', ') if len(names) > 1 else [values]):
+            if name == 'input_size':
+                continue  # "model's"
+            assert ast.literal_eval(value.strip()) == getattr(defaults, name), name
+            checked += 1
+    assert checked == 11
 
 
 @pytest.mark.parametrize('path', sorted(CONFIGS.glob('*.yaml')), ids=lambda p: p.name)
@@ -77,7 +143,8 @@ def test_yaml_errors_name_the_problem(tmp_path):
     ({'decay_milestones': [100, 50]}, '--decay-milestones'),
     ({'fmd_prob': 1.0}, '--fmd-prob: got 1.0'),
     ({'fmd_sites': ['conv', 'fc']}, '--fmd-sites'),
-    ({'fmd_stage_scale': [0.5, 1.0]}, '--fmd-stage-scale'),
+    ({'fmd_stage_scale': [0.5]}, '--fmd-stage-scale'),
+    ({'lr': 0}, '--lr: got 0.0, expected a number > 0 or none'),
     ({'model_kwargs': {'fmd_prob': 0.1}}, '--model-kwargs'),
     ({'mixup': 0.2, 'batch_size': 7}, 'even batch size'),
     ({'model_ema_decay': 1.0}, '--model-ema-decay'),
@@ -93,7 +160,8 @@ def test_unknown_override():
 
 
 def test_save_config_round_trip():
-    cfg = merge(TrainConfig(), {'model_kwargs': {'drop_rate': 0.2}, 'fmd_stage_scale': [0.25], 'pretrained': 'x.pt'})
+    cfg = merge(TrainConfig(), {'model_kwargs': {'drop_rate': 0.2}, 'fmd_stages': [-1], 'fmd_stage_scale': [0.25],
+                                'pretrained': 'x.pt'})
     assert config_from_dict(yaml.safe_load(save_config(cfg))) == cfg
 
 
@@ -130,7 +198,8 @@ def test_resume_takes_the_run_config(tmp_path):
 
 
 def test_fmd_kwargs_convert_the_ramp_to_steps():
-    cfg = merge(TrainConfig(), {'fmd_ramp_epochs': 2.5, 'fmd_lam': None, 'fmd_stage_scale': [1.0]})
+    cfg = merge(TrainConfig(), {'fmd_ramp_epochs': 2.5, 'fmd_lam': None, 'fmd_stages': [-1], 'fmd_stage_scale': [1.0]})
     kwargs = fmd_kwargs(cfg, steps_per_epoch=10)
-    assert kwargs == dict(fmd_prob=0.1, fmd_block_size=3, fmd_stages=(-1,), fmd_sites=('conv',), fmd_gamma=30.0,
-                          fmd_stage_scale=(1.0,), fmd_ramp_steps=25)
+    assert kwargs == dict(fmd_stages=(-1,), fmd_stage_scale=(1.0,), fmd_ramp_steps=25)
+    with pytest.raises(ValueError, match=r'--fmd-stage-scale: .*one multiplier per --fmd-stages entry \(\[-2, -1\]\)'):
+        validate(merge(TrainConfig(), {'fmd_stage_scale': [1.0]}))  # the registry's two stages

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from timm_fmd.train import TrainConfig
-from timm_fmd.train.data import (EpochSampler, SampleDataset, build_loaders, build_splits, build_transforms, collate,
-                                 digits_root)
+from timm_fmd.train.data import (DataError, EpochSampler, SampleDataset, build_loaders, build_splits, build_transforms,
+                                 collate, digits_root, loaders_for_model)
 
 from .conftest import make_image_folder
 
@@ -95,13 +96,46 @@ def test_corrupt_image_error_or_counted_skip(tmp_path):
     bad.write_bytes(b'not a png')
     splits = build_splits(TrainConfig(data_dir=str(root)))
     dataset = SampleDataset(splits.train_reader, splits.train_indices, T.ToTensor())
-    with pytest.raises(ValueError, match=r"unreadable image '.*square/001.png'.*--skip-corrupt"):
+    with pytest.raises(DataError, match=r"cannot decode image '.*square/001.png'.*--skip-corrupt\)$"):
         dataset.__getitems__([(i, 0) for i in range(6)])
     dataset.skip_corrupt = True
     x, y, skipped = collate(dataset.__getitems__([(i, 0) for i in range(6)]))
     assert x.shape == (5, 3, 16, 16) and len(y) == 5 and skipped == [str(bad)]
-    with pytest.raises(ValueError, match='every image of a batch is unreadable'):
+    with pytest.raises(DataError, match='every image of a batch is unreadable'):
         collate(dataset.__getitems__([(3, 0)]))
+
+
+def test_a_worker_error_arrives_as_its_own_one_line_message(tmp_path):
+    """torch rebuilds a worker's exception from text holding the whole worker traceback; ours comes first."""
+    root = make_image_folder(tmp_path, {'train': 2, 'val': 1})
+    (root / 'train' / 'circle' / '000.png').write_bytes(b'not a png')
+    cfg = TrainConfig(data_dir=str(root), batch_size=2, workers=1)
+    loaders = build_loaders(cfg, build_splits(cfg), build_transforms(cfg, DATA_CONFIG))
+    with pytest.raises(DataError) as raised:
+        list(loaders.train)
+    message = str(raised.value)
+    assert '\n' not in message and message.startswith("cannot decode image '") and 'circle/000.png' in message
+    assert message.endswith('(fix or remove it, or pass --skip-corrupt) [in DataLoader worker process 0]')
+    assert 'Traceback (most recent call last)' in raised.value.worker_traceback
+
+
+def test_a_failing_transform_names_the_image(tmp_path):
+    root = make_image_folder(tmp_path, {'train': 1, 'val': 1})
+    splits = build_splits(TrainConfig(data_dir=str(root)))
+    dataset = SampleDataset(splits.train_reader, splits.train_indices, T.RandomCrop(32))  # larger than 16x16
+    with pytest.raises(DataError, match=r"the transform failed on image '.*circle/000.png' \(16x16\): ValueError: "
+                                        r"Required crop size \(32, 32\) is larger than input image size"):
+        dataset[(0, 0)]
+
+
+def test_images_of_any_mode_reach_the_model_as_faithful_rgb(tmp_path):
+    """A 16-bit grayscale PNG in the data folder: v / 257 in every channel, not PIL's clipped 255."""
+    root = make_image_folder(tmp_path, {'train': 1, 'val': 1})
+    values = np.array([[1799, 57311], [0, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(root / 'train' / 'circle' / '000.png')
+    splits = build_splits(TrainConfig(data_dir=str(root)))
+    img, target = SampleDataset(splits.train_reader, splits.train_indices, T.PILToTensor())[(0, 0)]
+    assert target == 0 and img.tolist() == [[[7, 223], [0, 255]]] * 3
 
 
 def test_epoch_sampler_order_shards_and_resume():
@@ -155,7 +189,7 @@ def test_loader_batches_do_not_depend_on_workers(tiny_data):
 
 
 def test_transforms(tiny_data):
-    cfg = TrainConfig(crop_pad=4, rotate=15.0, hflip=0.5)
+    cfg = TrainConfig(train_crop_mode='pad', crop_pad=4, rotate=15.0, hflip=0.5)
     train_tf, eval_tf = build_transforms(cfg, DATA_CONFIG)
     names = [type(t).__name__ for t in train_tf.transforms]
     assert names[:5] == ['Resize', 'CenterCrop', 'RandomCrop', 'RandomHorizontalFlip', 'RandomRotation']
@@ -178,3 +212,19 @@ def test_cifar10_tar_finds_its_test_split():
     assert splits.label_names == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                                   'truck']
     assert (splits.info['val_split'], splits.info['train_size'], splits.info['val_size']) == ('test', 50000, 10000)
+
+
+def test_without_a_recipe_the_transforms_are_the_models_own(tiny_data):
+    """--data-dir with no --config: test_efficientnet's pretrained_cfg (160 px, bicubic, crop 0.95, ImageNet
+    mean/std) decides the input, as timm.data.resolve_model_data_config gives it to inference code."""
+    cfg = TrainConfig(data_dir=str(tiny_data), model='test_efficientnet', batch_size=4, workers=0)
+    model = timm.create_model('test_efficientnet', num_classes=3)
+    loaders = loaders_for_model(cfg, build_splits(cfg), model)
+    assert loaders.data_config == dict(input_size=(3, 160, 160), interpolation='bicubic', mean=(0.485, 0.456, 0.406),
+                                       std=(0.229, 0.224, 0.225), crop_pct=0.95, crop_mode='center')
+    assert loaders.data_config == timm.data.resolve_model_data_config(model)
+    x, _, _ = next(iter(loaders.val))
+    assert x.shape == (4, 3, 160, 160)
+    eval_tf = loaders.val.dataset.transform
+    assert [type(t).__name__ for t in eval_tf.transforms][:2] == ['Resize', 'CenterCrop']
+    assert eval_tf.transforms[0].size == 168 and eval_tf.transforms[1].size == (160, 160)  # 160 / 0.95

@@ -23,6 +23,11 @@ from .conftest import make_image_folder, quick_config
 CPU = torch.device('cpu')
 
 
+def _config(data, output, **overrides):
+    """quick_config with the CIFAR recipes' pad crop (the trainer's default is timm's random-resized crop)."""
+    return quick_config(data, output, **{'train_crop_mode': 'pad', **overrides})
+
+
 @pytest.fixture(scope='module')
 def odd_sized(tmp_path_factory):
     """3 classes x (8 train, 2 val) images of 20x20: the transforms resize them to 16x16."""
@@ -49,7 +54,7 @@ def _batches(loader, epoch=None):
 @pytest.mark.parametrize('rank,world_size', [(0, 1), (1, 2)])
 def test_without_augmentation_the_batches_equal_the_loaders(odd_sized, tmp_path, rank, world_size):
     """Same images (resized by the same PIL calls), same order, same float ops: bit-equal, per DDP shard too."""
-    cfg = quick_config(odd_sized, tmp_path, no_aug=True, batch_size=4, validation_batch_size=5)
+    cfg = _config(odd_sized, tmp_path, no_aug=True, batch_size=4, validation_batch_size=5)
     loaders, on_device = _both(cfg, rank, world_size)
     for epoch in (0, 1):
         expected, got = _batches(loaders, epoch), _batches(on_device, epoch)
@@ -64,7 +69,7 @@ def test_without_augmentation_the_batches_equal_the_loaders(odd_sized, tmp_path,
 
 
 def test_resume_start_skips_the_consumed_samples(odd_sized, tmp_path):
-    cfg = quick_config(odd_sized, tmp_path, batch_size=4, crop_pad=2, hflip=0.5, rotate=10.0)
+    cfg = _config(odd_sized, tmp_path, batch_size=4, crop_pad=2, hflip=0.5, rotate=10.0)
     _, on_device = _both(cfg)
     full = _batches(on_device, 3)
     on_device.train_sampler.set_epoch(3, start=8)
@@ -110,7 +115,7 @@ class _Spy:
 def _augmenting_config(data, tmp_path, **overrides):
     values = dict(batch_size=4, crop_pad=2, hflip=0.5, vflip=0.5, rotate=12.0)
     values.update(overrides)
-    return quick_config(data, tmp_path, **values)
+    return _config(data, tmp_path, **values)
 
 
 def test_the_loaders_parameters_give_the_loaders_pixels(odd_sized, tmp_path, monkeypatch):
@@ -175,7 +180,7 @@ def test_parameter_distributions_match_the_loaders(tmp_path, monkeypatch):
 
 
 def test_fit_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_data, tmp_path, monkeypatch):
-    cfg = quick_config(tiny_data, tmp_path / 'ref', data_on_device=True, epochs=2, crop_pad=2, hflip=0.5,
+    cfg = _config(tiny_data, tmp_path / 'ref', data_on_device=True, epochs=2, crop_pad=2, hflip=0.5,
                        rotate=10.0, checkpoint_interval=4)
     fit(cfg)
     saves, save = [], loop._save
@@ -199,7 +204,7 @@ def test_fit_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_data, tmp_path, mo
 
 
 def test_decoded_once_then_from_the_cache(odd_sized, tmp_path, monkeypatch, cache_dir):
-    cfg = quick_config(odd_sized, tmp_path, data_on_device=True)
+    cfg = _config(odd_sized, tmp_path, data_on_device=True)
     splits = build_splits(cfg)
     head = T.Compose([T.Resize((16, 16)), T.CenterCrop(16)])
     first = load_split(splits.train_reader, splits.train_indices, head)
@@ -220,7 +225,7 @@ def test_decoded_once_then_from_the_cache(odd_sized, tmp_path, monkeypatch, cach
 
 def test_a_changed_file_is_decoded_again(tmp_path, cache_dir):
     data = make_image_folder(tmp_path / 'data', {'train': 2, 'val': 1}, size=8, seed=5)
-    cfg = quick_config(data, tmp_path, data_on_device=True, img_size=8)
+    cfg = _config(data, tmp_path, data_on_device=True, img_size=8)
     splits = build_splits(cfg)
     head = T.Compose([T.CenterCrop(8)])
     before, _ = load_split(splits.train_reader, splits.train_indices, head)
@@ -239,8 +244,8 @@ def test_a_changed_file_is_decoded_again(tmp_path, cache_dir):
 ])
 def test_unsupported_augmentations_are_refused_by_name(tiny_data, tmp_path, option, value, message):
     with pytest.raises(ValueError, match=message):
-        validate(quick_config(tiny_data, tmp_path, data_on_device=True, **{option: value}))
-    validate(quick_config(tiny_data, tmp_path, data_on_device=False, **{option: value}))  # the loader has them
+        validate(_config(tiny_data, tmp_path, data_on_device=True, **{option: value}))
+    validate(_config(tiny_data, tmp_path, data_on_device=False, **{option: value}))  # the loader has them
 
 
 def test_a_transform_without_a_device_version_is_refused():
@@ -259,14 +264,14 @@ def test_a_transform_without_a_device_version_is_refused():
 def test_unreadable_images_are_named(tmp_path):
     data = make_image_folder(tmp_path / 'data', {'train': 2, 'val': 1}, size=8, seed=6)
     (data / 'train' / 'square' / 'broken.png').write_bytes(b'not a png')
-    cfg = quick_config(data, tmp_path, data_on_device=True, img_size=8, batch_size=2)
+    cfg = _config(data, tmp_path, data_on_device=True, img_size=8, batch_size=2)
     with pytest.raises(ValueError, match=r"unreadable image\(s\) \[.*broken.png'\].*train without --data-on-device"):
         fit(cfg)
 
 
 def test_fit_on_device_with_mixup_and_ema(tiny_data, tmp_path):
     """timm's Mixup/CutMix take the device batches as they are (one-hot targets on the batch's device)."""
-    results = fit(quick_config(tiny_data, tmp_path, data_on_device=True, mixup=0.2, cutmix=1.0, model_ema=True,
+    results = fit(_config(tiny_data, tmp_path, data_on_device=True, mixup=0.2, cutmix=1.0, model_ema=True,
                                model_ema_decay=0.5, crop_pad=2, hflip=0.5))
     row, = MetricsLog.read(tmp_path / 'run' / 'metrics.csv').rows
     assert row['train_top1'] is None and math.isfinite(row['train_loss']) and results['global_steps'] == 6
@@ -279,7 +284,7 @@ def test_a_data_set_larger_than_half_the_free_memory_is_refused(tiny_data, tmp_p
     assert device_data._available_memory(torch.device('cuda', 0)) == 3 * 2 ** 30
     assert device_data._available_memory(CPU) > 0  # the host's MemAvailable
     monkeypatch.setattr(device_data, '_available_memory', lambda device: 2 * 60 * 3 * 16 * 16 - 1)
-    cfg = quick_config(tiny_data, tmp_path, data_on_device=True)
+    cfg = _config(tiny_data, tmp_path, data_on_device=True)
     with pytest.raises(ValueError, match=r'--data-on-device: the data set takes 0.00 GiB as uint8, more than half of '
                                          r'the 0.00 GiB free on cpu; train without --data-on-device'):
         device_loaders(cfg, build_splits(cfg), _model(), CPU)

@@ -45,7 +45,7 @@ def recorded(monkeypatch):
 # weight decay, gradient clipping and momentum.
 RECIPE = dict(epochs=2, model_kwargs={'drop_rate': 0.3}, sched='cosine', warmup_epochs=1, warmup_lr=0.005,
               sched_on_updates=True, weight_decay=5e-4, clip_grad=2.0, model_ema=True, model_ema_warmup=True,
-              opt_kwargs={'fused': True}, crop_pad=2, hflip=0.5)
+              opt_kwargs={'fused': True}, train_crop_mode='pad', crop_pad=2, hflip=0.5)
 
 
 def _rows(run_dir):

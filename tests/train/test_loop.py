@@ -15,14 +15,14 @@ from safetensors import safe_open
 
 from timm_fmd.train import TrainConfig, evaluate_checkpoint, fit
 from timm_fmd.train.checkpoint import load_weights
-from timm_fmd.train.config import add_arguments, config_from_args
+from timm_fmd.train.config import DIGITS_RECIPE, add_arguments, config_from_args, config_from_dict, load_yaml
 from timm_fmd.train.report import METRIC_COLUMNS, MetricsLog
 
 from .conftest import quick_config
 
 RESULT_KEYS = {'model', 'architecture', 'pretrained', 'num_classes', 'label_names', 'model_kwargs', 'fmd', 'data',
                'epochs', 'global_steps', 'batch_size', 'seed', 'best', 'final', 'train_val_gap', 'evaluated_weights',
-               'param_count', 'wall_time_s', 'images_per_sec', 'checkpoint', 'versions'}
+               'param_count', 'wall_time_s', 'images_per_sec', 'checkpoint', 'versions', 'hardware'}
 TIMING = ('images_per_sec', 'epoch_time_s')
 
 
@@ -35,7 +35,7 @@ def fmd_run(tiny_data, tmp_path_factory):
     """Two epochs of an FMD model: 6 steps an epoch, the ramp over 1.5 epochs (9 steps)."""
     out = tmp_path_factory.mktemp('runs')
     cfg = quick_config(tiny_data, out, model='fmd_test_efficientnet', epochs=2, fmd_prob=0.2, fmd_ramp_epochs=1.5,
-                       fmd_stage_scale=[1.0], checkpoint_interval=4)
+                       fmd_stage_scale=[1.0, 1.0], checkpoint_interval=4)
     return cfg, fit(cfg), out / 'run'
 
 
@@ -49,8 +49,8 @@ def test_fit_writes_the_run_directory(fmd_run):
     assert (results['model'], results['architecture'], results['num_classes']) == ('fmd_test_efficientnet',
                                                                                    'test_efficientnet', 3)
     assert results['label_names'] == ['circle', 'square', 'stripes'] and results['global_steps'] == 12
-    assert results['fmd'] == dict(prob=0.2, block_size=3, stages=[-1], sites=['conv'], gamma=30.0, lam=0.0, steps=1,
-                                  mode='approx', shared_mask=False, stage_scale=[1.0], ramp_steps=9)
+    assert results['fmd'] == dict(prob=0.2, block_size=7, stages=[-2, -1], sites=['conv', 'skip'], gamma=1.0, lam=0.0,
+                                  steps=1, mode='approx', shared_mask=False, stage_scale=[1.0, 1.0], ramp_steps=9)
     assert results['data']['input_size'] == [3, 16, 16] and results['data']['val_split'] == 'val'
     assert results['final']['epoch'] == 2 and results['evaluated_weights'] == 'model'
     assert results['train_val_gap'] == pytest.approx(results['final']['train_top1'] - results['final']['val_top1'])
@@ -106,7 +106,7 @@ def test_eval_on_the_training_samples(fmd_run, tiny_data, tmp_path):
 def test_resume_continues_exactly(fmd_run, tiny_data, tmp_path):
     cfg, results, run_dir = fmd_run
     fit(quick_config(tiny_data, tmp_path, model='fmd_test_efficientnet', epochs=1, fmd_prob=0.2, fmd_ramp_epochs=1.5,
-                     fmd_stage_scale=[1.0], checkpoint_interval=4))
+                     fmd_stage_scale=[1.0, 1.0], checkpoint_interval=4))
     resumed = fit(TrainConfig(**{**cfg.__dict__, 'resume': str(tmp_path / 'run')}))
     assert metrics(tmp_path / 'run') == metrics(run_dir)
     assert resumed['best'] == results['best'] and resumed['global_steps'] == 12
@@ -131,12 +131,14 @@ def test_ema_mixup_accumulation_and_amp(tiny_data, tmp_path):
 
 def test_run_directory_errors(tiny_data, tmp_path):
     fit(quick_config(tiny_data, tmp_path, epochs=1))
-    with pytest.raises(ValueError, match='--experiment: .*run already exists; pass --resume'):
+    with pytest.raises(ValueError, match='--experiment: .*run already holds a run; continue it with `timm-fmd train '
+                                         '--resume .*run`, or pass another --experiment'):
         fit(quick_config(tiny_data, tmp_path))
     with pytest.raises(FileNotFoundError, match='--resume: .*nowhere holds no checkpoints'):
         fit(quick_config(tiny_data, tmp_path, resume=str(tmp_path / 'nowhere')))
     with pytest.raises(ValueError, match='make no full optimiser step'):
         fit(quick_config(tiny_data, tmp_path, experiment='big', batch_size=64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['run']  # the failed start left nothing
 
 
 def _train_args(data: Path, out: Path):
@@ -181,8 +183,9 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_the_interval(small_data, tm
 
 def test_default_recipe_trains_one_epoch(tmp_path):
     """The default recipe (FMD ResNet-20 on the embedded digits), one epoch at 16x16 to keep it quick."""
-    results = fit(TrainConfig(epochs=1, img_size=16, output=str(tmp_path), experiment='digits'))
-    assert results['data']['name'] == 'digits' and results['fmd']['prob'] == 0.1
+    results = fit(config_from_dict(dict(load_yaml(DIGITS_RECIPE), epochs=1, img_size=16, output=str(tmp_path),
+                                        experiment='digits')))
+    assert results['data']['name'] == 'digits' and results['fmd']['prob'] == 0.1 and results['fmd']['block_size'] == 3
     assert results['final']['val_top1'] > 10.0  # better than chance after one epoch
 
 
@@ -201,6 +204,13 @@ def test_erc_is_logged_per_epoch_without_touching_training(tiny_data, tmp_path):
     logged = [r['erc'] for r in MetricsLog.read(tmp_path / '1' / 'run' / 'metrics.csv').rows]
     assert all(v > 0 for v in logged)
     assert logged[-1] == pytest.approx(sum(v['mean'] for v in layers.values()) / len(layers))
+
+
+def test_start_up_prints_the_fmd_sites(tiny_data, tmp_path, capsys):
+    fit(quick_config(tiny_data, tmp_path, model='fmd_test_efficientnet', fmd_prob=0.2,
+                    fmd_stages=[-1], fmd_sites=['conv']))
+    out = capsys.readouterr().out
+    assert 'FMD: 3 sites (3 linked to a next layer, 0 use the fixed weight 0.01)\n  stage 4 (blocks.4): 3 conv\n' in out
 
 
 def test_channels_last_training(tiny_data, tmp_path):

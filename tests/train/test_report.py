@@ -1,10 +1,13 @@
 import json
 import math
+import re
 
 import pytest
+import torch
 from PIL import Image
 
-from timm_fmd.train.report import METRIC_COLUMNS, MetricsLog, Progress, plot_comparison, plot_curves, write_json
+from timm_fmd.train.report import (METRIC_COLUMNS, MetricsLog, Progress, hardware, plot_comparison, plot_curves,
+                                   write_json)
 
 
 def row(epoch, **values):
@@ -57,15 +60,41 @@ def test_curves_and_comparison_are_pngs(tmp_path):
 
 
 def test_progress_lines_without_a_terminal(capsys):
-    progress = Progress(4, 'epoch 1/2', tty=False)
+    progress = Progress(4, 'epoch 1/2', tty=False, images_per_step=8)
+    progress.advance(1)  # a step between updates prints nothing
     progress.update(2, loss='0.5000')
+    progress.write('warning: something')
     progress.close()
-    Progress(4, 'epoch 1/2', enabled=False).update(4, loss='0.1')  # ranks other than 0: silent
-    assert capsys.readouterr().out == 'epoch 1/2 [2/4] loss 0.5000\n'
+    silent = Progress(4, 'epoch 1/2', enabled=False)  # ranks other than 0
+    silent.update(4, loss='0.1')
+    silent.write('not shown')
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and re.fullmatch(r'epoch 1/2 \[2/4\] loss 0\.5000 eta \d+s', lines[0])
+    assert lines[1] == 'warning: something'
 
 
 def test_progress_bar_on_a_terminal(capsys):
-    progress = Progress(4, 'epoch 1/2', tty=True)
-    progress.update(4, loss='0.2500')
+    """tqdm's bar: images done of the epoch's images, images/s, the ETA, then the latest statistics."""
+    progress = Progress(4, 'epoch 1/2', tty=True, images_per_step=8)
+    progress.advance(1)
+    progress.update(2, loss='0.2500')
+    progress.write('warning: something')
     progress.close()
-    assert 'epoch 1/2' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r'epoch 1/2: +50%\|[^|]*\| 16/32 \[[0-9:]+<[0-9:?]+, +[0-9.?]+img/s, loss=0\.2500\]', out), out
+    assert '\rwarning: something' in out or '\nwarning: something' in out
+
+
+def test_progress_resumed_mid_epoch_counts_from_there(capsys):
+    progress = Progress(10, 'epoch 1/1', tty=True, images_per_step=4, start=6)
+    progress.update(7, loss='1.0')
+    progress.close()
+    assert re.search(r' 28/40 \[', capsys.readouterr().out)
+
+
+def test_hardware_names_the_device(monkeypatch):
+    cpu = hardware(torch.device('cpu'), 1)
+    assert cpu['device'] == 'cpu' and cpu['name'] and (cpu['processes'], cpu['threads']) == (1, torch.get_num_threads())
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: f'NVIDIA H200 ({device})')
+    gpu = hardware(torch.device('cuda', 1), 4)
+    assert gpu == dict(device='cuda', name='NVIDIA H200 (cuda:1)', processes=4, threads=torch.get_num_threads())

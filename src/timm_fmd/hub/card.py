@@ -1,10 +1,12 @@
 """Model cards for trained runs, written from the run's own files (see the run directory contract).
 
 The card follows the layout of timm's cards on the Hugging Face Hub: YAML front matter (tags, library, license,
-datasets, metrics and a ``model-index`` with the measured results), then Model Details (parameters, GMACs and
-activations counted on the model itself), Model Usage (timm snippets), Training (recipe and FMD settings),
-Results (measured accuracy and train-val gap, optionally beside a baseline run) and Citation. Every number
-comes from ``results.json``, ``config.yaml`` or the checkpoint; a run without validation says so instead.
+metrics; with a Hub dataset id also ``datasets`` and a ``model-index`` of the measured results, rounded to
+0.01), then Model Details (parameters, GMACs and activations counted on the model itself, the data set, the
+classes), Intended Use and Limitations, Model Usage (timm snippets), Training (data, schedule, hardware, time,
+recipe and FMD settings), Results (measured accuracy and train-val gap, optionally beside a baseline run, and
+``curves.png``) and Citation. Every number comes from ``results.json``, ``config.yaml`` or the checkpoint; a
+run without validation says so instead. The card is written from the published (path-free) files only.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['RunRecord', 'read_run', 'evaluated_metrics', 'model_stats', 'model_card']
+from .stats import model_stats
+
+__all__ = ['RunRecord', 'read_run', 'evaluated_metrics', 'model_card']
 
 TAGS = ['image-classification', 'timm', 'feature-map-distortion']
 RESULTS_KEYS = ('model', 'architecture', 'pretrained', 'num_classes', 'label_names', 'model_kwargs', 'fmd', 'data',
@@ -49,19 +51,28 @@ EXAMPLE_IMAGE = 'https://huggingface.co/datasets/huggingface/documentation-image
 
 @dataclass(frozen=True)
 class RunRecord:
-    """A finished training run: its directory, the checkpoint to publish, and its parsed files."""
+    """A finished training run: its directory, the checkpoint to publish, and its parsed files.
+
+    ``weights`` is the checkpoint's name in the run (``best.safetensors`` or ``last.safetensors``): it says
+    which results describe the published weights, also when they come from a published folder."""
     run_dir: Path
     checkpoint: Path
     results: dict[str, Any]
     config_text: str
+    weights: str
 
 
 def read_run(source: str | os.PathLike) -> RunRecord:
-    """Read a RUN_DIR, or a ``.safetensors`` checkpoint inside one (``RUN_DIR/checkpoints/*.safetensors``).
+    """Read a RUN_DIR, a ``.safetensors`` checkpoint inside one (``RUN_DIR/checkpoints/*.safetensors``), or a
+    repository folder ``save_pretrained`` wrote (to publish it again, e.g. with a newer card).
 
     A directory publishes the checkpoint named by ``results.json["checkpoint"]``.
     """
     path = Path(source)
+    if path.is_dir() and (path / 'train_config.yaml').is_file() and (path / 'model.safetensors').is_file():
+        results = _read_results(path)
+        return RunRecord(path, path / 'model.safetensors', results, (path / 'train_config.yaml').read_text(),
+                         Path(results['checkpoint']).name)
     if path.is_file():
         if path.suffix != '.safetensors':
             raise ValueError(f'source must be a run directory or a .safetensors checkpoint in one, got {str(path)!r}')
@@ -73,57 +84,29 @@ def read_run(source: str | os.PathLike) -> RunRecord:
     missing = [n for n in ('results.json', 'config.yaml') if not (run_dir / n).is_file()]
     if missing:
         raise ValueError(f'{str(run_dir)!r} is not a finished training run: it has no {" or ".join(missing)}')
-    results = json.loads((run_dir / 'results.json').read_text())
-    missing = [k for k in RESULTS_KEYS if k not in results]
-    if missing:
-        raise ValueError(f'{run_dir / "results.json"} lacks the keys {missing} of the run directory contract')
+    results = _read_results(run_dir)
     checkpoint = path if path.is_file() else run_dir / results['checkpoint']
     if not checkpoint.is_file():
         raise ValueError(f'checkpoint {str(checkpoint)!r} named by results.json does not exist')
-    return RunRecord(run_dir, checkpoint, results, (run_dir / 'config.yaml').read_text())
+    return RunRecord(run_dir, checkpoint, results, (run_dir / 'config.yaml').read_text(), checkpoint.name)
+
+
+def _read_results(folder: Path) -> dict[str, Any]:
+    results = json.loads((folder / 'results.json').read_text())
+    missing = [k for k in RESULTS_KEYS if k not in results]
+    if missing:
+        raise ValueError(f'{folder / "results.json"} lacks the keys {missing} of the run directory contract')
+    return results
 
 
 def evaluated_metrics(run: RunRecord) -> dict[str, Any] | None:
     """Validation metrics of exactly the weights published: ``best`` for best.safetensors, ``final`` for
     last.safetensors. None when those weights were not evaluated (no validation, or another checkpoint)."""
     by_file = {'best.safetensors': run.results['best'], 'last.safetensors': run.results['final']}
-    record = by_file.get(run.checkpoint.name)
+    record = by_file.get(run.weights)
     if not record or record.get('val_top1') is None:
         return None
     return {k: record.get(k) for k in ('epoch', 'val_top1', 'val_top5', 'val_loss')}
-
-
-class _ActivationCounter(TorchDispatchMode):
-    """Counts output elements of convolutions and matrix products: the 'Activations (M)' of timm's model cards
-    (fvcore's activation count, which timm's benchmark script reports)."""
-    _OPS = {torch.ops.aten.convolution, torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in self._OPS:
-            self.count += out.numel()
-        return out
-
-
-def model_stats(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
-    """Parameters (M), GMACs and activations (M) for one image of ``input_size`` (C, H, W), and the shape of the
-    unpooled features. MACs are half of ``FlopCounterMode``'s FLOPs (a multiply-add counts two FLOPs there)."""
-    was_training = model.training
-    flop_counter, activation_counter = FlopCounterMode(display=False), _ActivationCounter()
-    try:
-        with torch.no_grad(), flop_counter, activation_counter:
-            features = model.eval().forward_features(torch.zeros(1, *input_size))
-            model.forward_head(features)
-    finally:
-        model.train(was_training)
-    return {'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-            'gmacs': flop_counter.get_total_flops() / 2e9,
-            'activations_m': activation_counter.count / 1e6,
-            'features_shape': tuple(features.shape)}
 
 
 def _feature_shapes(run: RunRecord) -> list[tuple[int, ...]] | None:
@@ -138,12 +121,13 @@ def _feature_shapes(run: RunRecord) -> list[tuple[int, ...]] | None:
         return None
 
 
-def _dataset_id(data_name: str) -> str:
-    """The dataset as a short id: the name itself, or for a folder/tar path the folder's name."""
-    path = Path(data_name)
-    if len(path.parts) == 1 and path.suffix != '.tar':
-        return data_name
-    return path.parent.name if path.suffix == '.tar' else path.name
+def _data_text(data_name: str, dataset: str | None) -> str:
+    """The data set in words, from the published (path-free) results: a Hub data set is linked."""
+    if dataset:
+        return f'[{dataset}](https://huggingface.co/datasets/{dataset})'
+    if data_name == 'digits':
+        return 'the UCI handwritten digits embedded in timm-fmd (`digits`)'
+    return data_name  # privacy.LOCAL_DATA: a local image folder, not published
 
 
 def _fmt(value: Any, spec: str | None = '.2f') -> str:
@@ -155,7 +139,7 @@ def _fmt(value: Any, spec: str | None = '.2f') -> str:
 def _eval_results(metrics: dict, dataset: str, split: str) -> list[EvalResult]:
     return [EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset,
                        dataset_split=split, metric_type='accuracy', metric_name=f'Top-{k} accuracy (%)',
-                       metric_config=f'top{k}', metric_value=metrics[f'val_top{k}'])
+                       metric_config=f'top{k}', metric_value=round(metrics[f'val_top{k}'], 2))
             for k in (1, 5) if metrics.get(f'val_top{k}') is not None]
 
 
@@ -171,7 +155,7 @@ from PIL import Image
 import timm
 import torch
 {register}
-img = Image.open(urlopen('{EXAMPLE_IMAGE}'))
+img = Image.open(urlopen('{EXAMPLE_IMAGE}')).convert('RGB')  # 8-bit RGB, as in training
 """
     transforms = """model = model.eval()
 
@@ -227,19 +211,34 @@ output = model.forward_head(output, pre_logits=True)
     return text
 
 
-def _training(run: RunRecord) -> str:
+def _hardware(results: dict) -> str:
+    hw = results.get('hardware')
+    if not hw:
+        return 'not recorded (the run predates timm-fmd recording it)'
+    kind = 'GPU' if hw['device'] == 'cuda' else hw['device'].upper()
+    return f"{hw['processes']} x {kind} ({hw['name']}), {hw['threads']} torch CPU thread(s) per process"
+
+
+def _duration(results: dict) -> str:
+    wall = results.get('wall_time_s')
+    if wall is None:
+        return 'not recorded'
+    rate = results.get('images_per_sec')
+    return f"{wall / 60:.1f} min ({wall:.0f} s) wall clock" + (f', {rate:.0f} images/s while training' if rate else '')
+
+
+def _training(run: RunRecord, data_text: str) -> str:
     r, data = run.results, run.results['data']
     lines = [
-        f"- **Data:** `{data['name']}`: {data.get('train_size')} training images, {data.get('val_size')} validation "
+        f"- **Data:** {data_text}: {data.get('train_size')} training images, {data.get('val_size')} validation "
         f"images (split: {data.get('val_split')}), {r['num_classes']} classes, input {tuple(data['input_size'])}",
         f"- **Schedule:** {r['epochs']} epochs, {r['global_steps']} optimiser steps, batch size {r['batch_size']}, "
         f"seed {r['seed']}",
         f"- **Initialisation:** {r['pretrained'] or 'random (trained from scratch)'}",
-        f"- **Published weights:** `{run.checkpoint.name}` ({r.get('evaluated_weights', 'model')} weights)",
+        f"- **Published weights:** `{run.weights}` ({r.get('evaluated_weights', 'model')} weights)",
+        f"- **Training hardware:** {_hardware(r)}",
+        f"- **Training time:** {_duration(r)}",
     ]
-    if r.get('wall_time_s') is not None:
-        lines.append(f"- **Wall time:** {_fmt(float(r['wall_time_s']), '.1f')} s at "
-                     f"{_fmt(r.get('images_per_sec'), '.1f')} images/s")
     if r.get('versions'):
         lines.append('- **Software:** ' + ', '.join(f'{k} {v}' for k, v in r['versions'].items()))
     text = '\n'.join(lines) + '\n\n'
@@ -249,15 +248,39 @@ def _training(run: RunRecord) -> str:
         text += ''.join(f'| `fmd_{k}` | {json.dumps(v)} |\n' for k, v in r['fmd'].items())
     else:
         text += 'This run was trained **without** Feature Map Distortion (a baseline).\n'
-    return text + f'\n<details><summary>Full training configuration (config.yaml)</summary>\n\n```yaml\n' \
+    return text + f'\n<details><summary>Full training configuration (train_config.yaml)</summary>\n\n```yaml\n' \
                   f'{run.config_text.rstrip()}\n```\n</details>\n'
+
+
+def _classes(label_names: list[str]) -> str:
+    names = ', '.join(f'`{n}`' for n in label_names)
+    if len(label_names) <= 20:
+        return f'- **Classes ({len(label_names)}, in output order):** {names}'
+    return (f'- **Classes ({len(label_names)}, in output order):** <details><summary>show</summary>\n\n  {names}\n'
+            f'  </details>')
+
+
+def _intended_use(run: RunRecord, data_text: str) -> str:
+    r, data = run.results, run.results['data']
+    n, (_, h, w) = r['num_classes'], data['input_size']
+    split = ('a validation split carved from its training images' if data.get('val_split') == 'carved'
+             else f"the {data.get('val_split')} split")
+    return f"""- **Intended use:** classifying images like those it was trained on into the {n} classes above, at
+  {h} x {w} through the model's own transforms (see Model Usage); or as a backbone to fine-tune.
+- **Out of scope:** images of other classes (there is no "none of these" output: every image gets one of the {n}
+  classes), and decisions with consequences for people: the model was not evaluated for them.
+- **Limitations:** its accuracy was measured on {data.get('val_size')} images of {split} of the same data; images
+  from another source (camera, resolution, subject, class balance) can give much lower accuracy. Inputs are 8-bit
+  RGB as timm's transforms expect; images of more than 8 bits per sample or float images must be scaled as in
+  training (`timm_fmd.train.images.load_rgb`), not clipped by `convert('RGB')`.
+"""
 
 
 def _results(run: RunRecord, baseline: RunRecord | None) -> str:
     runs = [('this model', run)] + ([('baseline', baseline)] if baseline else [])
     metrics = [evaluated_metrics(r) for _, r in runs]
     if metrics[0] is None:
-        return (f'The published weights (`{run.checkpoint.name}`) have no validation evaluation in this run\'s '
+        return (f'The published weights (`{run.weights}`) have no validation evaluation in this run\'s '
                 'results.json, so no accuracy is reported.\n')
     rows = [
         ('FMD', [('yes' if r.results['fmd'] else 'no') for _, r in runs]),
@@ -269,26 +292,29 @@ def _results(run: RunRecord, baseline: RunRecord | None) -> str:
         ('Final train-val gap (pp)', [_fmt(r.results['train_val_gap']) for _, r in runs]),
     ]
     split = run.results['data'].get('val_split')
-    text = (f'Measured on the {split} split of `{run.results["data"]["name"]}` during training (results.json); the '
-            'train-val gap is final train top-1 minus final validation top-1.\n\n')
+    text = (f'Measured on the {split} split during training (results.json); the train-val gap is final train top-1 '
+            'minus final validation top-1.\n\n')
     text += '| | ' + ' | '.join(name for name, _ in runs) + ' |\n' + '|---' * (len(runs) + 1) + '|\n'
-    return text + ''.join(f'| {label} | ' + ' | '.join(values) + ' |\n' for label, values in rows)
+    text += ''.join(f'| {label} | ' + ' | '.join(values) + ' |\n' for label, values in rows)
+    return text + ('\n![Top-1 accuracy and loss per epoch, training dashed, validation solid](curves.png)\n\n'
+                   'Top-1 accuracy and loss per epoch (`curves.png`; the numbers are in `metrics.csv`).\n')
 
 
 def model_card(run: RunRecord, model: nn.Module, model_id: str, *, license: str = 'apache-2.0',
                baseline: RunRecord | None = None, dataset: str | None = None) -> ModelCard:
-    """The model card of ``run``, whose weights are loaded in ``model``.
+    """The model card of ``run`` (its published, path-free files), whose weights are loaded in ``model``.
 
     Args:
-        run: The run being published (``read_run``).
+        run: The run being published (``read_run``, with the results and config as published).
         model: The base timm model holding the published weights (for parameter/MAC/activation counts).
         model_id: How users load it, e.g. ``hf-hub:ORG/NAME`` or ``local-dir:/path``.
         license: The Hub license id for the front matter.
         baseline: A run to report beside this one (e.g. the same recipe without FMD).
-        dataset: Dataset id for the front matter; default: derived from ``results.json["data"]["name"]``.
+        dataset: The Hub dataset id of the data. Only with it does the front matter list a data set and
+            carry a ``model-index`` (whose dataset must be a Hub id); the numbers are in the card either way.
     """
     r, data = run.results, run.results['data']
-    dataset = dataset or _dataset_id(data['name'])
+    data_text = _data_text(data['name'], dataset)
     input_size = tuple(data['input_size'])
     stats = model_stats(model, input_size)
     name = model_id.split(':', 1)[1].split('@')[0] if model_id.startswith('hf-hub:') else r['architecture']
@@ -297,9 +323,10 @@ def model_card(run: RunRecord, model: nn.Module, model_id: str, *, license: str 
     base_model = (pretrained.removeprefix('hf-hub:').split('@')[0] if pretrained and pretrained.startswith('hf-hub:')
                   else None)
     card_data = ModelCardData(
-        library_name='timm', license=license, tags=TAGS, pipeline_tag='image-classification', datasets=[dataset],
-        metrics=['accuracy'], model_name=name, base_model=base_model,
-        eval_results=_eval_results(metrics, dataset, data.get('val_split')) if metrics else None)
+        library_name='timm', license=license, tags=TAGS, pipeline_tag='image-classification',
+        datasets=[dataset] if dataset else None, metrics=['accuracy'], base_model=base_model,
+        model_name=name if metrics and dataset else None,  # the model-index's name; nothing without one
+        eval_results=_eval_results(metrics, dataset, data.get('val_split')) if metrics and dataset else None)
     regularizer = 'Feature Map Distortion (FMD)' if r['fmd'] else 'no Feature Map Distortion (a baseline)'
     package = _registering_package(r['architecture'])
     needs = f' (`import {package}` registers the architecture in timm)' if package else ''
@@ -309,7 +336,7 @@ def model_card(run: RunRecord, model: nn.Module, model_id: str, *, license: str 
 ---
 # Model card for {name}
 
-A `{r['architecture']}` image classification model trained on `{data['name']}` with {regularizer}, using
+A `{r['architecture']}` image classification model trained on {data_text} with {regularizer}, using
 timm-fmd on top of timm. The weights are those of the plain `{r['architecture']}` architecture: FMD distorts
 feature maps only while training, so inference needs no FMD code{needs}.
 
@@ -320,15 +347,18 @@ feature maps only while training, so inference needs no FMD code{needs}.
   - GMACs: {stats['gmacs']:.3g}
   - Activations (M): {stats['activations_m']:.3g}
   - Image size: {input_size[1]} x {input_size[2]}
-- **Dataset:** {dataset}
+- **Dataset:** {data_text}
+{_classes(r['label_names'])}
 - **Papers:**
   - Beyond Dropout: Feature Map Distortion to Regularize Deep Neural Networks: https://arxiv.org/abs/2002.11022
 - **Original:** https://github.com/huggingface/pytorch-image-models
 
+## Intended Use and Limitations
+{_intended_use(run, data_text)}
 ## Model Usage
 {_usage(model_id, model, stats, _feature_shapes(run), register)}
 ## Training
-{_training(run)}
+{_training(run, data_text)}
 ## Results
 {_results(run, baseline)}
 ## Citation

@@ -8,18 +8,21 @@ run's ``train_config.yaml``, ``results.json``, ``metrics.csv`` and ``curves.png`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import yaml
 
 import huggingface_hub
 import timm
 from huggingface_hub import CommitInfo, HfApi
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id as _check_hub_repo_id
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -27,8 +30,10 @@ from torch import nn
 
 from .. import __version__
 from .card import RunRecord, model_card, read_run
+from .privacy import find_leaks, private_strings, public_config, public_results
 
-__all__ = ['PublishError', 'FMD_KEYS', 'REPO_FILES', 'validate_repo_id', 'build_model', 'save_pretrained',
+__all__ = ['PublishError', 'FMD_KEYS', 'REPO_FILES', 'validate_repo_id', 'validate_dataset_id', 'build_model',
+           'save_pretrained',
            'push_to_hub', 'publish', 'read_config', 'fmd_kwargs', 'load_fmd_settings']
 
 # results.json["fmd"] keys, in the order of the ``fmd_<key>`` arguments of timm_fmd.create_model
@@ -38,8 +43,7 @@ _TUPLE_KEYS = ('stages', 'sites', 'stage_scale')
 # everything save_pretrained may write; a folder holding only these and an fmd-bearing config.json is ours
 REPO_FILES = ('model.safetensors', 'config.json', 'README.md', 'train_config.yaml', 'results.json', 'metrics.csv',
               'curves.png')
-_COPIED = {'config.yaml': 'train_config.yaml', 'results.json': 'results.json', 'metrics.csv': 'metrics.csv',
-           'curves.png': 'curves.png'}
+_COPIED = {'metrics.csv': 'metrics.csv', 'curves.png': 'curves.png'}  # train_config.yaml, results.json: rewritten
 
 
 class PublishError(RuntimeError):
@@ -88,12 +92,31 @@ def _fmd_section(results: dict[str, Any]) -> dict[str, Any] | None:
     return {'model': results['model'], 'settings': fmd, 'global_steps': results['global_steps']}
 
 
+def validate_dataset_id(dataset: str) -> str:
+    """Check that ``dataset`` has the form of a Hub dataset id (``ORG/NAME``, or a legacy ``NAME``); return it."""
+    if not isinstance(dataset, str) or dataset.count('/') > 1:
+        raise ValueError(f"dataset must be a Hugging Face Hub dataset id such as 'uoft-cs/cifar10', got {dataset!r}")
+    try:
+        _check_hub_repo_id(dataset)
+    except HFValidationError as e:
+        raise ValueError(f'dataset {dataset!r} is not a valid Hub dataset id: {e}') from None
+    return dataset
+
+
+def _public(run: RunRecord, dataset: str | None) -> RunRecord:
+    """``run`` with the results and config as published: no local path (see :mod:`timm_fmd.hub.privacy`)."""
+    return dataclasses.replace(run, results=public_results(run.results, run.config_text, dataset),
+                               config_text=public_config(run.config_text, dataset))
+
+
 def _write_repo_folder(run: RunRecord, folder: Path, model_id: str, license: str, baseline: RunRecord | None,
                        dataset: str | None) -> None:
+    run = _public(run, dataset)
     results, data = run.results, run.results['data']
     model = build_model(run)
     data_config = {k: data[k] for k in ('input_size', 'mean', 'std', 'interpolation', 'crop_pct') if data.get(k)}
-    pretrained_cfg = {'tag': None, 'license': license,
+    # label_names: the run's classes (timm would keep the architecture's default cfg's when the class count matches)
+    pretrained_cfg = {'tag': None, 'license': license, 'label_names': results['label_names'],
                       'description': f"{results['architecture']} trained on {data['name']} with timm-fmd"}
     if results['fmd']:
         pretrained_cfg.update(paper_ids='arXiv:2002.11022',
@@ -105,7 +128,21 @@ def _write_repo_folder(run: RunRecord, folder: Path, model_id: str, license: str
     for source, target in _COPIED.items():
         if (run.run_dir / source).is_file():
             shutil.copyfile(run.run_dir / source, folder / target)
+    (folder / 'train_config.yaml').write_text(run.config_text)
+    (folder / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
     model_card(run, model, model_id, license=license, baseline=baseline, dataset=dataset).save(folder / 'README.md')
+
+
+def _refuse_leaks(folder: Path, runs: Sequence[RunRecord], allow: Sequence[str]) -> None:
+    """Raise ValueError if a file of ``folder`` names a local path, the home directory, the user or the host
+    outside the strings of ``allow``."""
+    records = [record for run in runs for record in (run.results, yaml.safe_load(run.config_text))]
+    leaks = find_leaks(folder, private_strings([run.run_dir for run in runs], records), allow)
+    if leaks:
+        strings = sorted({leak.rsplit(' ', 1)[1] for leak in leaks})
+        raise ValueError(f'refusing to publish {runs[0].run_dir}: {"; ".join(leaks)}. Nothing published may name '
+                         f'this machine. If a string is not private (e.g. a class name equal to your user name), '
+                         f'allow it: --allow {" --allow ".join(strings)} (Python: allow=[...])')
 
 
 def _is_our_output(folder: Path) -> bool:
@@ -127,8 +164,13 @@ def _readable_by_all(folder: Path) -> None:
 
 def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: str | None = None,
                     revision: str | None = None, baseline: str | os.PathLike | None = None,
-                    license: str = 'apache-2.0', dataset: str | None = None, overwrite: bool = False) -> Path:
+                    license: str = 'apache-2.0', dataset: str | None = None, overwrite: bool = False,
+                    allow: Sequence[str] = ()) -> Path:
     """Write the Hub repo folder of a run to ``out_dir`` (atomically) and return its path.
+
+    Nothing in the folder names the machine: the run's files are published without local paths (see
+    :mod:`timm_fmd.hub.privacy`), and a folder in which the run's absolute paths, the home directory, the user
+    name or the host name still appear is refused with a ValueError that lists them (nothing is written then).
 
     Args:
         source: A RUN_DIR, or a ``.safetensors`` checkpoint inside one (default: results.json's checkpoint).
@@ -138,9 +180,14 @@ def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, re
         revision: The branch of ``repo_id`` the snippets load (``hf-hub:ORG/NAME@revision``); default main.
         baseline: A RUN_DIR whose results the card reports beside this run's.
         license: Hub license id written to the card and the pretrained config.
-        dataset: Dataset id for the card's front matter (default: derived from results.json).
+        dataset: The Hugging Face Hub id of the data set (e.g. ``uoft-cs/cifar10``): listed in the card's
+            metadata and naming the data in the published files. Default: no data set in the metadata, the data
+            named ``digits`` (the embedded set) or ``a local image folder``.
         overwrite: Replace a non-empty ``out_dir`` that save_pretrained did not write.
+        allow: Strings the leak check lets through (e.g. a class name that equals the user name).
     """
+    if dataset is not None:
+        validate_dataset_id(dataset)
     run = read_run(source)
     baseline_run = read_run(baseline) if baseline is not None else None
     out_dir = Path(out_dir)
@@ -148,20 +195,22 @@ def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, re
         model_id = f'hf-hub:{validate_repo_id(repo_id)}' + (f'@{revision}' if revision not in (None, 'main') else '')
     elif revision is not None:
         raise ValueError(f'revision={revision!r} needs a repo_id')
-    else:
-        model_id = f'local-dir:{out_dir.resolve()}'
+    else:  # the folder's name, not its path: the card must not name this machine's directories
+        model_id = f'local-dir:{out_dir.resolve().name}'
     if out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f'out_dir {str(out_dir)!r} exists and is not a directory')
         if any(out_dir.iterdir()) and not overwrite and not _is_our_output(out_dir):
             raise FileExistsError(f'out_dir {str(out_dir)!r} is not empty and was not written by save_pretrained; '
-                                  'pass overwrite=True to replace it')
+                                  'pass --overwrite (Python: overwrite=True) to replace it')
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # build beside out_dir (same file system) so the final step is a rename: no reader sees a half-written folder
     staging = out_dir.with_name(f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp')
     staging.mkdir()
     try:
         _write_repo_folder(run, staging, model_id, license, baseline_run, dataset)
+        published = [s for s in (repo_id, dataset) if s]  # named on purpose, even if they hold the user name
+        _refuse_leaks(staging, [run] + ([baseline_run] if baseline_run else []), [*allow, *published])
         _readable_by_all(staging)
         if out_dir.exists():
             previous = out_dir.with_name(f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.old')
@@ -194,25 +243,30 @@ def _failure(error: Exception, repo_id: str, endpoint: str) -> str:
 def push_to_hub(source: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
                 commit_message: str | None = None, token: str | None = None,
                 baseline: str | os.PathLike | None = None, license: str = 'apache-2.0',
-                dataset: str | None = None) -> CommitInfo:
+                dataset: str | None = None, allow: Sequence[str] = ()) -> CommitInfo:
     """Publish a run to the Hub as ``repo_id`` in one commit; return the commit (``.oid``, ``.commit_url``).
 
     Creates the repo if needed (``private`` applies then) and the branch ``revision`` if given and missing. The
-    token comes from ``token``, else the client's usual places (HF_TOKEN, ``hf auth login``). Raises ValueError
-    for a bad ``repo_id`` or run, PublishError when the Hub cannot be reached or refuses; the folder is built
-    in a temporary directory that is always removed.
+    token comes from ``token``, else the client's usual places (HF_TOKEN, ``hf auth login``). ``dataset`` must
+    be a data set on that Hub. Raises ValueError for a bad ``repo_id``, ``dataset`` or run and for a folder that
+    would leak local names (see :func:`save_pretrained`), PublishError when the Hub cannot be reached, refuses,
+    or has no such data set; the folder is built in a temporary directory that is always removed.
     """
     validate_repo_id(repo_id)
+    if dataset is not None:
+        validate_dataset_id(dataset)
     token = token or huggingface_hub.get_token()
     if not token:
-        raise PublishError(f'no Hugging Face token to publish {repo_id!r}: set HF_TOKEN, run `hf auth login`, or '
-                           'pass token=')
+        raise PublishError(f'no Hugging Face token to publish {repo_id!r}: set HF_TOKEN or run `hf auth login` '
+                           '(Python: token=)')
     api = HfApi(token=token, library_name='timm-fmd', library_version=__version__)
     with tempfile.TemporaryDirectory(prefix='timm-fmd-publish-') as tmp:
         folder = save_pretrained(source, Path(tmp) / 'repo', repo_id=repo_id, revision=revision, baseline=baseline,
-                                 license=license, dataset=dataset)
+                                 license=license, dataset=dataset, allow=allow)
         results = json.loads((folder / 'results.json').read_text())
         regularizer = 'with FMD' if results['fmd'] else 'without FMD'
+        if dataset is not None:
+            _check_dataset_exists(api, dataset)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision not in (None, 'main'):
@@ -225,19 +279,29 @@ def push_to_hub(source: str | os.PathLike, repo_id: str, *, private: bool = Fals
             raise PublishError(_failure(e, repo_id, api.endpoint)) from e
 
 
+def _check_dataset_exists(api: HfApi, dataset: str) -> None:
+    try:
+        api.dataset_info(dataset)
+    except RepositoryNotFoundError as e:
+        raise PublishError(f'--dataset {dataset!r}: no such data set on {api.endpoint}; give the id of its page '
+                           f'(huggingface.co/datasets/<id>), or leave --dataset out') from e
+    except Exception as e:
+        raise PublishError(_failure(e, dataset, api.endpoint)) from e
+
+
 def publish(source: str | os.PathLike, repo_id: str | None = None, *, out_dir: str | os.PathLike | None = None,
             private: bool = False, revision: str | None = None, commit_message: str | None = None,
             baseline: str | os.PathLike | None = None, license: str = 'apache-2.0', dataset: str | None = None,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, allow: Sequence[str] = ()) -> str:
     """The ``timm-fmd publish`` entry: with ``out_dir``, write the repo folder there (a dry run, nothing is
     uploaded) and return its path; otherwise push to ``repo_id`` and return the commit URL."""
     if out_dir is not None:
         return str(save_pretrained(source, out_dir, repo_id=repo_id, revision=revision, baseline=baseline,
-                                   license=license, dataset=dataset, overwrite=overwrite))
+                                   license=license, dataset=dataset, overwrite=overwrite, allow=allow))
     if repo_id is None:
         raise ValueError('publish needs repo_id (ORG/NAME) to push, or out_dir for a dry run')
     return push_to_hub(source, repo_id, private=private, revision=revision, commit_message=commit_message,
-                       baseline=baseline, license=license, dataset=dataset).commit_url
+                       baseline=baseline, license=license, dataset=dataset, allow=allow).commit_url
 
 
 def read_config(model: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:

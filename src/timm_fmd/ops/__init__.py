@@ -1,6 +1,7 @@
 """The op: Feature Map Distortion and what it is made of (Tang et al., AAAI 2020).
 
-Floors, bottom up: ``validation``, ``masks``, ``schedule``, ``next_layer`` -> ``erc`` -> ``distortion``.
+Floors, bottom up: ``validation``, ``noise``, ``masks``, ``positions``, ``schedule``, ``next_layer`` -> ``erc`` ->
+``kernels`` (Triton, imported lazily) -> ``fused`` (the CUDA path) -> ``distortion``.
 Nothing here imports timm's model code; the registry and the trainer build on these modules.
 """
 from .distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion

@@ -43,6 +43,13 @@ authors' release uses. ``std(f)`` is the standard deviation of the whole batch's
 weight step -- so gradients reach ``f`` through the kept elements only. The output is divided by
 the realised kept fraction, distorted elements included, as in the authors' release (the paper's
 "dividing p in the training phase"). Eval mode and ``prob == 0`` return the input object itself.
+
+Two implementations with one semantics. On a CUDA map the common case -- ``lam == 0``, ``steps == 1``, no
+``mask=``, float32/bfloat16/float16 -- runs fused Triton kernels (:mod:`timm_fmd.ops.fused`: 3 kernels forward,
+1 backward, no mask kept for backward, no host synchronisation); everything else, and every CPU map, runs the
+PyTorch code below, the reference the fused path is tested against. The fused path draws its randomness from
+one seed per call taken from torch's generator (same distribution, other numbers than the reference for the same
+seed) and computes ``std(f)`` over every element.
 """
 from __future__ import annotations
 
@@ -52,9 +59,11 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import fused
 from .erc import rademacher_sup
 from .masks import block_mask, block_seed_rate, element_mask, expected_block_fraction
-from .next_layer import NextLayer
+from .next_layer import NO_NEXT_LAYER_WEIGHT, ONE_BY_ONE_FACTOR, NextLayer
+from .noise import DrawnNoise, GivenNoise
 from .positions import flat, positions
 from .schedule import LinearRamp
 from .validation import check_choice, check_non_negative, check_positive_int, check_prob
@@ -63,8 +72,6 @@ __all__ = ['feature_map_distortion', 'FeatureMapDistortion', 'BlockFeatureMapDis
 
 LAYOUTS = ('NC', 'NLC', 'NCL', 'NCHW', 'NHWC')
 _DEFAULT_LAYOUT = {2: 'NC', 3: 'NLC', 4: 'NCHW'}
-NO_NEXT_LAYER_WEIGHT = 0.01  # the authors' release, when no next layer is known
-ONE_BY_ONE_FACTOR = 0.1  # the authors' release, for a 1x1 next convolution
 
 NextLayerLike = Union[nn.Module, torch.Tensor, NextLayer, None]
 
@@ -88,20 +95,32 @@ def approx_channel_weights(
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         generator: Optional[torch.Generator] = None,
+        noise: Optional[DrawnNoise] = None,
 ) -> torch.Tensor:
-    """``w_c``, the per-channel scale of the approximate gradient (Eq. 15 / Eq. 22), shape ``(C,)``."""
+    """``w_c``, the per-channel scale of the approximate gradient (Eq. 15 / Eq. 22), shape ``(C,)``.
+
+    The random signs ``S'`` come from ``noise`` (default: drawn from ``generator``, see :mod:`.noise`).
+    """
     if next_layer is None:
         return torch.full((channels,), NO_NEXT_LAYER_WEIGHT, device=device, dtype=dtype)
     k_max = next_layer.channel_max().to(device=device, dtype=dtype)
     if next_layer.kind == 'linear':
         return k_max
-    signs = torch.rand(k_max.shape, device=device, generator=generator) < 0.5
+    signs = (noise or DrawnNoise(generator)).weight_signs(k_max.shape, device)
     weights = torch.where(signs, k_max, -k_max).mean((1, 2))
     return weights * ONE_BY_ONE_FACTOR if next_layer.window == 1 else weights
 
 
 def _is_dense(t: torch.Tensor) -> bool:
-    """True when ``t`` covers its memory without gaps or overlaps (any dimension order)."""
+    """True when ``t`` covers its memory without gaps or overlaps (any dimension order).
+
+    The common layouts are recognised first: under ``torch.compile`` with dynamic shapes the strides are
+    symbolic and cannot be sorted (a graph break); an uncommon layout then counts as not dense (one copy).
+    """
+    if t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return True
+    if not all(isinstance(s, int) for s in t.stride()):
+        return False
     expected = 1
     for d in sorted(range(t.ndim), key=t.stride):
         if t.shape[d] != 1 and t.stride(d) != expected:
@@ -145,10 +164,12 @@ def _distort(
         layout: Optional[str],
         generator: Optional[torch.Generator],
         mask: Optional[torch.Tensor],
+        noise: Optional[GivenNoise] = None,
 ) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]:
     """:func:`feature_map_distortion` in training mode; also returns the realised distorted fraction.
 
     ``prob`` may be a 0-dim tensor (a module's ``prob_now`` under ``torch.compile``), validated when set.
+    ``noise`` (internal, for tests) replaces the random stand-ins by given ones (:class:`.noise.GivenNoise`).
     """
     if not isinstance(prob, torch.Tensor):
         prob = check_prob(prob)
@@ -158,8 +179,8 @@ def _distort(
     check_choice(mode, 'mode', ('approx', 'exact'))
     layout = _resolve_layout(layout, x.ndim)
     channel_dim = layout.index('C')
-    xc = x.movedim(channel_dim, 1)  # canonical (B, C, *spatial); a view
-    if not _is_dense(xc):
+    xc = x.movedim(channel_dim, 1)  # canonical (B, C, *spatial); a view, dense when x is
+    if not _is_dense(x):
         xc = xc.contiguous()
     batch, channels, spatial = xc.shape[0], xc.shape[1], tuple(xc.shape[2:])
 
@@ -171,14 +192,21 @@ def _distort(
             raise ValueError("mode='exact' needs next_layer as a module (nn.Linear / nn.Conv2d); "
                              'a bare weight tensor is enough only for ' "mode='approx'")
 
+    if block_size is not None and mask is None:
+        check_positive_int(block_size, 'block_size')
+        if len(spatial) != 2:
+            raise ValueError(f'block_size needs a feature map with 2 spatial dims (layout NCHW or NHWC), '
+                             f'got layout {layout!r}')
+    exact = mode == 'exact' and next_layer is not None
+    if fused.applies(xc, lam=lam, steps=steps, mask=mask, noise=noise):
+        out, fraction = fused.distort(xc, prob, gamma=gamma, exact=exact, next_layer=next_layer, block_size=block_size,
+                                      shared_mask=shared_mask, generator=generator)
+        return out.movedim(1, channel_dim), fraction
+
     if mask is None:
         if block_size is None:
             mask = element_mask(xc.shape, prob, device=x.device, generator=generator)
         else:
-            check_positive_int(block_size, 'block_size')
-            if len(spatial) != 2:
-                raise ValueError(f'block_size needs a feature map with 2 spatial dims (layout NCHW or NHWC), '
-                                 f'got layout {layout!r}')
             mask = block_mask(batch, 1 if shared_mask else channels, *spatial, prob, block_size,
                               device=x.device, generator=generator)
     elif (mask.dtype != torch.bool or mask.ndim != xc.ndim or mask.shape[0] != batch
@@ -186,14 +214,14 @@ def _distort(
         raise ValueError(f'mask must be a bool tensor of shape {tuple(xc.shape)} in canonical (B, C, *spatial) '
                          f'layout (channel dim may be 1), got {mask.dtype} {tuple(mask.shape)}')
 
+    noise = noise or DrawnNoise(generator)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         pos = positions(mask, xc, compute_dtype)
         step = gamma * _feature_std(xc).to(compute_dtype)
-        exact = mode == 'exact' and next_layer is not None
         feats = pos.features(xc, compute_dtype) if (lam > 0 or exact) else None
         if exact:
-            sigma = torch.randint(0, 2, (batch,), device=x.device, generator=generator).to(compute_dtype) * 2 - 1
+            sigma = noise.sample_signs(batch, x.device, compute_dtype)
             g_full = torch.einsum('b,b...->...', sigma, xc.to(compute_dtype))  # sum_i sigma_i f_i
         values = pos.zeros(compute_dtype)  # f_hat at distorted positions; eps = f is dropout's zero
         for _ in range(steps):
@@ -207,8 +235,8 @@ def _distort(
                 step_direction = pos.per_sample(sigma * (step / next_layer.window)) * pos.per_position(d)
             else:
                 w = approx_channel_weights(next_layer if mode == 'approx' else None, channels,
-                                           device=x.device, dtype=compute_dtype, generator=generator)
-                step_direction = pos.per_channel(w * step) * pos.normal(compute_dtype, generator)
+                                           device=x.device, dtype=compute_dtype, noise=noise)
+                step_direction = pos.per_channel(w * step) * noise.normal(pos, compute_dtype)
             if lam > 0:
                 step_direction = step_direction - (step * lam) * (feats - values)
             values = values - step_direction
@@ -255,6 +283,9 @@ def feature_map_distortion(
 
     Returns:
         The distorted map, same shape, dtype and memory format as ``x``.
+
+    On a CUDA device with ``lam == 0``, ``steps == 1`` and no ``mask`` this runs the fused Triton kernels of
+    :mod:`timm_fmd.ops.fused`; otherwise the PyTorch path (see the module docstring).
     """
     if not training or (prob == 0.0 and mask is None):
         check_prob(prob)

@@ -11,7 +11,9 @@ distorted fraction it realises drifts from ``p`` as the block grows relative to 
 the seed rate is *solved* so that the expected distorted fraction equals ``p`` exactly: with
 ``n(h, w)`` the number of valid seeds whose block covers ``(h, w)`` and independent seeds of
 rate ``r``, the expected fraction is ``mean_hw[1 - (1 - r) ** n(h, w)]``, which is monotone in
-``r`` and solved by bisection on the host (cached; no device work, no synchronisation).
+``r`` and solved by bisection on the host (cached; no device work, no synchronisation). A probability
+held in a device tensor (the op's ramp on a GPU, or under ``torch.compile``) reads the rate from a
+per-shape table solved on the host once and interpolated on the device (:func:`seed_rate_table`).
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from collections import Counter
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ['element_mask', 'block_mask', 'block_seed_rate', 'expected_block_fraction', 'clamp_block_size']
+from .noise import generator_kwargs
+
+__all__ = ['element_mask', 'block_mask', 'grow_blocks', 'block_seed_rate', 'seed_rate_table', 'expected_block_fraction',
+           'clamp_block_size']
 
 
 def clamp_block_size(block_size: int, height: int, width: int) -> Tuple[int, int]:
@@ -46,12 +50,12 @@ _SEED_RATES: dict = {}
 def block_seed_rate(prob: Union[float, torch.Tensor], height: int, width: int, block_size: int):
     """Seed rate at valid block positions whose expected distorted fraction is ``prob``.
 
-    A float ``prob`` is solved on the host (bisection, cached); a tensor ``prob`` -- the op's
-    probability under ``torch.compile``, where a Python float would be baked into the graph -- is
-    solved with tensor ops on its device (:func:`_seed_rate_tensor`).
+    A float ``prob`` is solved exactly on the host (bisection, cached); a tensor ``prob`` -- the op's
+    probability on an accelerator or under ``torch.compile``, where a Python float would be baked into the
+    graph -- is interpolated in a per-shape table on its device (:func:`_seed_rate_tensor`).
     """
     if isinstance(prob, torch.Tensor):
-        return _seed_rate_tensor(prob, height, width, block_size)
+        return _seed_rate_tensor(prob, height, width, *clamp_block_size(block_size, height, width))
     return _cached_seed_rate(prob, height, width, block_size)
 
 
@@ -81,25 +85,75 @@ def _solve_seed_rate(prob: float, height: int, width: int, block_size: int) -> f
     return hi
 
 
-def _seed_rate_tensor(prob: torch.Tensor, height: int, width: int, block_size: int, iterations: int = 30):
-    """Newton's method on ``F(r) = 1 - sum_n w_n (1 - r)^n = prob`` in tensor ops (no synchronisation).
+RATE_TABLE_SIZE = 4096  # grid points of the seed-rate table over t = -log(1 - prob)
+RATE_TABLE_T_MAX = 17.0  # t of the largest float32 below 1 is 16.6: the grid spans every float32 prob in [0, 1)
 
-    ``F`` is increasing and concave, so Newton's iterates from ``r = 0`` stay below the root and rise to
-    it monotonically.
-    """
-    kh, kw = clamp_block_size(block_size, height, width)
+
+def _coverage_terms(height: int, width: int, kh: int, kw: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(n, w)``: a position covered by ``n`` valid block starts occurs with frequency ``w`` (float64)."""
     rows, cols = _coverage_counts(height, kh), _coverage_counts(width, kw)
     terms = [(a * b, cr * cc / (height * width)) for a, cr in rows.items() for b, cc in cols.items()]
-    n = torch.tensor([t[0] for t in terms], dtype=torch.float64, device=prob.device)
-    w = torch.tensor([t[1] for t in terms], dtype=torch.float64, device=prob.device)
-    target = prob.to(torch.float64)
-    rate = torch.zeros_like(target)
-    for _ in range(iterations):
-        keep_less_one = (1 - rate) ** (n - 1)
-        f = 1 - (w * keep_less_one * (1 - rate)).sum() - target
-        slope = (w * n * keep_less_one).sum()
-        rate = (rate - f / slope).clamp(0, 1)
-    return rate.to(prob.dtype)
+    return (torch.tensor([t[0] for t in terms], dtype=torch.float64),
+            torch.tensor([t[1] for t in terms], dtype=torch.float64))
+
+
+def _solve_log_keep(height: int, width: int, kh: int, kw: int) -> torch.Tensor:
+    """``s = -log(1 - rate)`` on the uniform grid of ``t = -log(1 - prob)`` (vectorised bisection, float64).
+
+    The expected kept fraction is ``1 - prob = sum_n w_n (1 - rate)^n``, i.e. ``t = -log sum_n w_n exp(-n s)``:
+    increasing in ``s`` with ``t / n_max <= s <= t``. In these coordinates ``s(t)`` is nearly linear (exactly
+    so for element masks), which is what makes linear interpolation between grid points accurate.
+    """
+    n, w = _coverage_terms(height, width, kh, kw)
+    t = torch.linspace(0.0, RATE_TABLE_T_MAX, RATE_TABLE_SIZE, dtype=torch.float64)
+    lo, hi = t / n.max(), t.clone()
+    log_w = w.log()
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        t_mid = -torch.logsumexp(log_w - n * mid[:, None], dim=1)
+        below = t_mid < t
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+_RATE_TABLES: dict = {}
+
+
+def seed_rate_table(height: int, width: int, kh: int, kw: int, device: torch.device) -> torch.Tensor:
+    """The seed-rate table of a map and a (clamped) ``kh x kw`` block: float32 ``(RATE_TABLE_SIZE,)`` values of
+    ``s = -log(1 - rate)``.
+
+    Entry ``i`` belongs to ``t_i = i * RATE_TABLE_T_MAX / (RATE_TABLE_SIZE - 1)`` with ``t = -log(1 - prob)``.
+    Solved once per shape on the host and uploaded once per device (cached). Read it outside traced code
+    (the custom ops below and the fused kernels' ops do): a compiled graph never holds it.
+    """
+    key = (height, width, kh, kw, torch.device(device))
+    table = _RATE_TABLES.get(key)
+    if table is None:
+        table = _RATE_TABLES[key] = _solve_log_keep(height, width, kh, kw).to(torch.float32).to(device)
+    return table
+
+
+@torch.library.custom_op('timm_fmd::block_seed_rate', mutates_args=())
+def _seed_rate_tensor(prob: torch.Tensor, height: int, width: int, kh: int, kw: int) -> torch.Tensor:
+    """The seed rate for a tensor ``prob`` (any shape), linearly interpolated in :func:`seed_rate_table`.
+
+    A handful of element-wise ops on the device, no synchronisation; a custom op, so that ``torch.compile``
+    sees one opaque op and no table constant. The interpolation error, as an error of the expected realised
+    fraction, stays below 1e-5 at every grid point and between them (``tests/ops/test_masks.py``).
+    """
+    table = seed_rate_table(height, width, kh, kw, prob.device)
+    t = -torch.log1p(-prob.to(torch.float32))
+    pos = (t * ((RATE_TABLE_SIZE - 1) / RATE_TABLE_T_MAX)).clamp(0, RATE_TABLE_SIZE - 1)
+    base = pos.floor().clamp(max=RATE_TABLE_SIZE - 2)
+    pair = table[base.to(torch.int64)[..., None] + torch.arange(2, device=prob.device)]
+    log_keep = torch.lerp(pair[..., 0], pair[..., 1], pos - base)
+    return (-torch.expm1(-log_keep)).to(prob.dtype)
+
+
+@_seed_rate_tensor.register_fake
+def _(prob, height, width, kh, kw):
+    return torch.empty_like(prob)
 
 
 def expected_block_fraction(rate: float, height: int, width: int, block_size: int) -> float:
@@ -116,28 +170,34 @@ def element_mask(
         generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Independent Bernoulli(``prob``) distortion mask of ``shape`` (paper, Eq. 6)."""
-    return torch.rand(tuple(shape), device=device, generator=generator) < prob
+    return torch.rand(tuple(shape), device=device, **generator_kwargs(generator)) < prob
 
 
-def _grow(seeds: torch.Tensor, dim: int, block: int) -> torch.Tensor:
-    """Grow each seed along ``dim`` into ``block`` positions (a 1-D binary dilation).
+def _grow(seeds: torch.Tensor, dim: int, block: int, as_bool: bool = False) -> torch.Tensor:
+    """Grow each seed along ``dim`` into ``block`` positions (a 1-D binary dilation), as uint8 (or bool).
 
     ``out[t] = OR_{j < block} seeds[t - j]``. Computed by doubling window widths with shifted ORs,
     about log2(block) byte-wise passes: far cheaper than a max-pool over a float map, which is
-    what dominates per-channel DropBlock on CPU.
+    what dominates per-channel DropBlock on CPU. The zero padding is written by one copy that also converts
+    bool seeds to bytes, and with ``as_bool`` the last OR writes bool: no pass of its own for either
+    conversion.
     """
-    pad = [0, 0] * (seeds.ndim - 1 - dim) + [block - 1, block - 1]
-    acc = F.pad(seeds, pad)
-    width = 1
+    shape = list(seeds.shape)
+    length = shape[dim]
+    shape[dim] = length + 2 * (block - 1)
+    acc = seeds.new_zeros(shape, dtype=torch.uint8)
+    acc.narrow(dim, block - 1, length).copy_(seeds)
+    shifts, width = [], 1
     while 2 * width <= block:
-        n = acc.shape[dim] - width
-        acc = acc.narrow(dim, 0, n) | acc.narrow(dim, width, n)
+        shifts.append(width)
         width *= 2
     if width < block:  # the two windows of ``width`` overlap and together span ``block``
-        shift = block - width
+        shifts.append(block - width)
+    for i, shift in enumerate(shifts):
         n = acc.shape[dim] - shift
-        acc = acc.narrow(dim, 0, n) | acc.narrow(dim, shift, n)
-    return acc
+        last = as_bool and i == len(shifts) - 1
+        acc = (torch.logical_or if last else torch.bitwise_or)(acc.narrow(dim, 0, n), acc.narrow(dim, shift, n))
+    return acc != 0 if as_bool and not shifts else acc
 
 
 def block_mask(
@@ -160,7 +220,15 @@ def block_mask(
     kh, kw = clamp_block_size(block_size, height, width)
     rate = block_seed_rate(prob, height, width, block_size)
     seed_shape = (batch, channels, height - kh + 1, width - kw + 1)
-    # uint8, not bool: F.pad has no bool kernel; the values stay 0/1 so the final view is exact.
-    seeds = (torch.rand(seed_shape, device=device, generator=generator) < rate).view(torch.uint8)
-    return _grow(_grow(seeds, 2, kh), 3, kw).view(torch.bool)
+    return grow_blocks(torch.rand(seed_shape, device=device, **generator_kwargs(generator)) < rate, kh, kw)
+
+
+def grow_blocks(seeds: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Grow each ``True`` of a ``(B, C, H - kh + 1, W - kw + 1)`` seed field into its ``kh x kw`` block.
+
+    A seed at ``(i, j)`` covers rows ``i .. i + kh - 1`` and columns ``j .. j + kw - 1``; returns the bool
+    ``(B, C, H, W)`` mask. Grown as uint8 and converted by the copies and ORs themselves, never by a
+    dtype-reinterpreting ``.view()``: inductor on CUDA cannot lower a view of a bool tensor.
+    """
+    return _grow(_grow(seeds, 3, kw), 2, kh, as_bool=True)  # rows last: its ORs read whole rows
 

@@ -24,7 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 
-__all__ = ['NextLayer', 'resolve_next_layer']
+__all__ = ['NextLayer', 'resolve_next_layer', 'NO_NEXT_LAYER_WEIGHT', 'ONE_BY_ONE_FACTOR']
+
+# the approx mode's per-channel weight w_c (Eq. 15 / 22) as in the authors' release:
+NO_NEXT_LAYER_WEIGHT = 0.01  # when no next layer is known
+ONE_BY_ONE_FACTOR = 0.1  # times the window mean, for a 1x1 next convolution
 
 
 def resolve_next_layer(layer: nn.Module) -> nn.Module:

@@ -2,7 +2,8 @@
 
 The reference op (:func:`timm_fmd.ops.distortion.feature_map_distortion`) works on *positions*: the
 elements a mask selects. Three representations with one interface (``per_sample``, ``per_channel``,
-``per_position``, ``features``, ``normal``, ``batch_sum``, ``combine``, ``fraction``):
+``per_position``, ``features``, ``normal`` (drawn with ``torch.randn(**draw)``), ``pick`` (the distorted
+elements' entries of a full map, in ``normal``'s order), ``batch_sum``, ``combine``, ``fraction``):
 
 * :class:`_DensePositions` -- the mask as a 0/1 weight over the whole map: no host synchronisation,
   so it is the one for accelerators and ``torch.compile``;
@@ -12,7 +13,7 @@ elements a mask selects. Three representations with one interface (``per_sample`
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -31,7 +32,7 @@ class _DensePositions:
     """
 
     def __init__(self, mask: torch.Tensor, xc: torch.Tensor, dtype: torch.dtype):
-        self.weight = mask.view(torch.uint8).to(dtype)
+        self.weight = mask.to(dtype)  # .to(), not a bool view: inductor cannot lower views of bool tensors
         self.map_shape = xc.shape
         self.fraction = self.weight.mean()  # same for a channel-shared mask: every channel shares it
         self.scale = torch.where(self.fraction < 1, 1 / (1 - self.fraction), torch.ones_like(self.fraction))
@@ -51,8 +52,11 @@ class _DensePositions:
     def zeros(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros((), dtype=dtype, device=self.weight.device)
 
-    def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
-        return torch.randn(self.map_shape, dtype=dtype, device=self.weight.device, generator=generator)
+    def normal(self, dtype: torch.dtype, draw: dict) -> torch.Tensor:
+        return torch.randn(self.map_shape, dtype=dtype, device=self.weight.device, **draw)
+
+    def pick(self, full: torch.Tensor) -> torch.Tensor:
+        return full
 
     def batch_sum(self, v: torch.Tensor) -> torch.Tensor:
         return (v * self.weight).sum(0)
@@ -138,8 +142,11 @@ class _SparsePositions(_GatheredPositions):
     def per_position(self, d: torch.Tensor) -> torch.Tensor:
         return d.reshape(-1)[self.position]
 
-    def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
-        return torch.randn(self.count, dtype=dtype, device=self.device, generator=generator)
+    def normal(self, dtype: torch.dtype, draw: dict) -> torch.Tensor:
+        return torch.randn(self.count, dtype=dtype, device=self.device, **draw)
+
+    def pick(self, full: torch.Tensor) -> torch.Tensor:
+        return full.reshape(full.shape[0], -1)[self.sample, self.position]
 
     def batch_sum(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.map_shape[1:].numel(), dtype=v.dtype, device=self.device)
@@ -179,8 +186,11 @@ class _SharedPositions(_GatheredPositions):
     def per_position(self, d: torch.Tensor) -> torch.Tensor:
         return d.reshape(d.shape[0], self.area)[:, self.position].t()
 
-    def normal(self, dtype: torch.dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
-        return torch.randn(self.offsets.shape, dtype=dtype, device=self.device, generator=generator)
+    def normal(self, dtype: torch.dtype, draw: dict) -> torch.Tensor:
+        return torch.randn(self.offsets.shape, dtype=dtype, device=self.device, **draw)
+
+    def pick(self, full: torch.Tensor) -> torch.Tensor:
+        return full.reshape(*full.shape[:2], self.area)[self.sample, :, self.position]
 
     def batch_sum(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.map_shape[1], self.area, dtype=v.dtype, device=self.device)

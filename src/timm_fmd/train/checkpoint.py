@@ -12,6 +12,7 @@ state in ``<name>.state.pt.tmp``; :func:`load_checkpoint` detects the mismatch (
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import uuid
@@ -139,24 +140,47 @@ def load_checkpoint(directory: PathLike, name: str = 'last') -> Tuple[Dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------- RNG
-def capture_rng() -> Dict[str, Any]:
-    """The global RNG states (Python, NumPy, torch CPU and CUDA) as plain data."""
+def capture_rng(device: torch.device = torch.device('cpu')) -> Dict[str, Any]:
+    """The global RNG states (Python, NumPy, torch CPU) as plain data, and on a CUDA ``device`` that
+    device's generator (the FMD masks' stream); ``cuda`` is ``None`` on the CPU.
+
+    Only the run's own device is captured (``device`` must carry an index, e.g. ``cuda:1``): every
+    rank saves its own GPU's stream, and resuming restores it onto whichever device the rank has then.
+    """
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         'python': [version, list(mt), gauss],
         'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        'cuda': _cuda_generator(device).get_state() if device.type == 'cuda' else None,
     }
 
 
-def restore_rng(state: Dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
+def restore_rng(state: Dict[str, Any], device: torch.device = torch.device('cpu')) -> None:
+    """Inverse of :func:`capture_rng`, onto ``device`` (the index may differ from the captured one).
+
+    A state captured on the CPU (no CUDA stream) resumed on CUDA seeds that device's generator from
+    the restored CPU state, so it stays deterministic and distinct per rank (no longer bit-exact: the
+    masks come from another device's stream anyway).
+    """
     version, mt, gauss = state['python']
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
-    if state['cuda']:
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if device.type != 'cuda':
+        return
+    generator, cuda = _cuda_generator(device), state.get('cuda')
+    if isinstance(cuda, torch.Tensor):
+        generator.set_state(cuda)
+    else:  # captured on the CPU: None (older checkpoints: an empty list)
+        generator.manual_seed(int.from_bytes(hashlib.sha256(state['torch'].numpy().tobytes()).digest()[:8], 'little'))
+
+
+def _cuda_generator(device: torch.device) -> torch.Generator:
+    """The default generator of CUDA ``device``: what ``torch.cuda.get_rng_state(device)`` reads."""
+    if device.index is None:
+        raise ValueError(f'device: a CUDA generator needs an indexed device such as cuda:0, got {device}')
+    torch.cuda.init()
+    return torch.cuda.default_generators[device.index]

@@ -1,9 +1,13 @@
 """Training settings: one dataclass, YAML files, command-line overrides, validation.
 
-Precedence, lowest first: the dataclass defaults (the embedded ``digits`` recipe, so that a bare
-``timm-fmd train`` trains something real), a YAML recipe, then command-line options. Option names
-follow timm's ``train.py`` (``--lr``, ``--sched``, ``--model-ema``, ...); a field ``foo_bar`` is the
-option ``--foo-bar`` and the YAML key ``foo_bar``.
+Precedence, lowest first: the dataclass defaults, a YAML recipe, then command-line options. The
+defaults fit whatever model and data are named: the model's own data config (input size,
+interpolation, mean/std, crop), timm's training augmentation and learning-rate rule, and the FMD
+settings of the registry (:class:`timm_fmd.FMDSettings`). On the command line, naming neither
+``--config`` nor ``--data-dir`` (nor ``--resume``) applies the embedded ``digits`` recipe
+(:data:`DIGITS_RECIPE`, also ``configs/digits.yaml``), so that a bare ``timm-fmd train`` trains
+something real. Option names follow timm's ``train.py`` (``--lr``, ``--sched``, ``--model-ema``,
+...); a field ``foo_bar`` is the option ``--foo-bar`` and the YAML key ``foo_bar``.
 
 A YAML recipe may start with ``base: other.yaml`` (a path relative to the including file): the base
 is loaded first and the including file's keys override it. This keeps a baseline recipe to the few
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +27,13 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import yaml
 from timm.optim import list_optimizers
 
+from ..inject import FMDSettings
+
 __all__ = ['TrainConfig', 'load_yaml', 'config_from_dict', 'merge', 'validate', 'save_config', 'fmd_kwargs',
-           'add_arguments', 'config_from_args', 'FMD_FIELDS']
+           'add_arguments', 'config_from_args', 'resolved_lr', 'FMD_FIELDS', 'DIGITS_RECIPE']
+
+DIGITS_RECIPE = Path(__file__).resolve().parents[1] / 'data' / 'digits.yaml'
+FMD_DEFAULTS = FMDSettings()  # the registry's: the defaults of every fmd_* setting left unset
 
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
 TRAIN_CROP_MODES = ('pad', 'rrc', 'rkrc', 'rkrr')
@@ -41,7 +51,8 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. The defaults are the embedded ``digits`` recipe."""
+    """Every setting of a training run. ``None`` means "the model's own" for input settings, "the
+    registry's" (:class:`timm_fmd.FMDSettings`) for ``fmd_*`` settings, and timm's rule for ``lr``."""
 
     # --- data
     data_dir: Optional[str] = _f(None, 'ImageFolder directory (train/ and val/ or test/ inside, or class folders '
@@ -67,20 +78,20 @@ class TrainConfig:
                                           'YAML), e.g. drop_rate=0.5 drop_block_rate=0.1')
 
     # --- input and augmentation
-    img_size: Optional[int] = _f(32, 'input image size (square); none = the model\'s default')
+    img_size: Optional[int] = _f(None, 'input image size (square); none = the model\'s pretrained_cfg input size')
     mean: Optional[List[float]] = _f(None, 'normalisation mean per channel; none = the model\'s')
     std: Optional[List[float]] = _f(None, 'normalisation std per channel; none = the model\'s')
     interpolation: Optional[str] = _f(None, 'resize interpolation; none = the model\'s')
-    crop_pct: Optional[float] = _f(1.0, 'evaluation centre-crop fraction; none = the model\'s')
+    crop_pct: Optional[float] = _f(None, 'evaluation centre-crop fraction; none = the model\'s')
     no_aug: bool = _f(False, 'no training augmentation (evaluation transform for training too)')
-    train_crop_mode: str = _f('pad', 'training crop: pad (pad + random crop, CIFAR style) or timm\'s rrc / rkrc / '
+    train_crop_mode: str = _f('rrc', 'training crop: pad (pad + random crop, CIFAR style) or timm\'s rrc / rkrc / '
                                      'rkrr (random resized crop variants)', choices=TRAIN_CROP_MODES)
-    crop_pad: int = _f(2, 'padding in pixels of the pad crop mode')
+    crop_pad: int = _f(4, 'padding in pixels of the pad crop mode')
     scale: Optional[List[float]] = _f(None, 'random-resized-crop area range (min max); none = timm\'s')
     ratio: Optional[List[float]] = _f(None, 'random-resized-crop aspect range (min max); none = timm\'s')
-    hflip: float = _f(0.0, 'horizontal flip probability')
+    hflip: float = _f(0.5, 'horizontal flip probability')
     vflip: float = _f(0.0, 'vertical flip probability')
-    rotate: float = _f(10.0, 'random rotation range in degrees (+-)')
+    rotate: float = _f(0.0, 'random rotation range in degrees (+-)')
     color_jitter: float = _f(0.0, 'colour jitter strength (unused with --aa)')
     aa: Optional[str] = _f(None, 'AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1 or v0')
     reprob: float = _f(0.0, 'random erasing probability')
@@ -99,7 +110,8 @@ class TrainConfig:
     validation_batch_size: Optional[int] = _f(None, 'validation batch size; none = --batch-size')
     grad_accum_steps: int = _f(1, 'micro-batches accumulated per optimiser step')
     opt: str = _f('momentum', 'timm optimiser name (momentum = SGD with momentum, sgd = SGD with Nesterov)')
-    lr: float = _f(0.1, 'learning rate')
+    lr: Optional[float] = _f(None, 'learning rate; none = timm\'s rule: 0.1 x global batch / 256 (square root of '
+                                   'the ratio for adaptive optimisers: ada*, lamb)')
     momentum: float = _f(0.9, 'optimiser momentum')
     weight_decay: float = _f(5e-4, 'weight decay')
     opt_kwargs: Dict[str, Any] = _f({}, 'extra optimiser keyword arguments, as k=v')
@@ -133,17 +145,19 @@ class TrainConfig:
                                  '--grad-accum-steps)')
 
     # --- Feature Map Distortion (passed as fmd_* kwargs to create_model for an fmd_<arch> model)
-    fmd_prob: Optional[float] = _f(0.1, 'target distortion probability p')
-    fmd_block_size: Optional[int] = _f(3, 'block size of block FMD; 0 = element-wise FMD')
-    fmd_stages: Optional[List[int]] = _f([-1], 'feature_info stage indices to distort (negatives count from the end)')
-    fmd_sites: Optional[List[str]] = _f(['conv'], 'where to distort within a stage: conv and/or skip')
-    fmd_gamma: Optional[float] = _f(30.0, 'step length gamma of the distortion update')
+    fmd_prob: Optional[float] = _f(None, 'target distortion probability p')
+    fmd_block_size: Optional[int] = _f(None, 'block size of block FMD (clamped to smaller maps, with a warning at '
+                                             'start-up); 0 = element-wise FMD')
+    fmd_stages: Optional[List[int]] = _f(None, 'feature_info stage indices to distort (negatives count from the end)')
+    fmd_sites: Optional[List[str]] = _f(None, 'where to distort within a stage: conv and/or skip')
+    fmd_gamma: Optional[float] = _f(None, 'step length gamma of the distortion update')
     fmd_lam: Optional[float] = _f(None, 'weight lambda of the Rademacher term')
     fmd_steps: Optional[int] = _f(None, 'distortion update steps per forward')
     fmd_mode: Optional[str] = _f(None, 'distortion solver', choices=FMD_MODES)
     fmd_shared_mask: Optional[bool] = _f(None, 'one mask shared across channels')
     fmd_stage_scale: Optional[List[float]] = _f(None, 'probability multiplier per chosen stage')
-    fmd_ramp_epochs: float = _f(2.0, 'epochs of the linear ramp of p from 0 (converted to optimiser steps)')
+    fmd_ramp_epochs: Optional[float] = _f(None, 'epochs of the linear ramp of p from 0 (converted to optimiser '
+                                                'steps); none = the registry\'s ramp_steps')
 
     # --- run
     output: str = _f('output/train', 'parent directory of run directories')
@@ -151,7 +165,7 @@ class TrainConfig:
     resume: Optional[str] = _f(None, 'continue the run in this run directory from its last checkpoint')
     checkpoint_interval: int = _f(1000, 'also checkpoint every N optimiser steps (0 = epoch ends only)')
     eval_metric: str = _f('top1', 'validation metric choosing the best checkpoint', choices=EVAL_METRICS)
-    log_interval: int = _f(50, 'optimiser steps between progress updates')
+    log_interval: int = _f(50, 'optimiser steps between progress statistics (a terminal\'s bar moves every step)')
     erc_every: int = _f(0, 'every N epochs (and after the last), estimate the empirical Rademacher complexity of the '
                            'layers after the FMD sites on the validation split (0 = off)')
     erc_batches: int = _f(4, 'validation batches of each ERC estimate')
@@ -273,8 +287,19 @@ def fmd_kwargs(cfg: TrainConfig, steps_per_epoch: int) -> Dict[str, Any]:
     for k in ('fmd_stages', 'fmd_sites', 'fmd_stage_scale'):
         if k in kwargs:
             kwargs[k] = tuple(kwargs[k])
-    kwargs['fmd_ramp_steps'] = int(round(cfg.fmd_ramp_epochs * steps_per_epoch))
+    if cfg.fmd_ramp_epochs is not None:
+        kwargs['fmd_ramp_steps'] = int(round(cfg.fmd_ramp_epochs * steps_per_epoch))
     return kwargs
+
+
+def resolved_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """``cfg.lr``, or when it is none timm's ``train.py`` rule: ``lr_base`` 0.1 at a global batch of 256, scaled
+    linearly with the global batch (batch x accumulation x processes), by its square root for ada*/lamb."""
+    if cfg.lr is not None:
+        return cfg.lr
+    ratio = cfg.batch_size * cfg.grad_accum_steps * world_size / 256
+    adaptive = any(name in cfg.opt.lower() for name in ('ada', 'lamb'))
+    return 0.1 * (math.sqrt(ratio) if adaptive else ratio)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -299,11 +324,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), 'an integer >= 0')
     for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob'):
         _check(0.0 <= getattr(cfg, name) <= 1.0, name, getattr(cfg, name), 'a probability in [0, 1]')
-    for name in ('lr', 'decay_epochs'):
-        _check(getattr(cfg, name) > 0, name, getattr(cfg, name), 'a number > 0')
-    for name in ('weight_decay', 'momentum', 'warmup_lr', 'min_lr', 'mixup', 'cutmix', 'rotate', 'color_jitter',
-                 'fmd_ramp_epochs'):
+    _check(cfg.decay_epochs > 0, 'decay_epochs', cfg.decay_epochs, 'a number > 0')
+    if cfg.lr is not None:
+        _check(cfg.lr > 0, 'lr', cfg.lr, 'a number > 0 or none')
+    for name in ('weight_decay', 'momentum', 'warmup_lr', 'min_lr', 'mixup', 'cutmix', 'rotate', 'color_jitter'):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), 'a number >= 0')
+    if cfg.fmd_ramp_epochs is not None:
+        _check(cfg.fmd_ramp_epochs >= 0, 'fmd_ramp_epochs', cfg.fmd_ramp_epochs, 'a number >= 0 or none')
     _check(0.0 <= cfg.smoothing < 1.0, 'smoothing', cfg.smoothing, 'a number in [0, 1)')
     _check(0.0 < cfg.carve_fraction < 1.0, 'carve_fraction', cfg.carve_fraction, 'a fraction in (0, 1)')
     _check(0.0 < cfg.model_ema_decay < 1.0, 'model_ema_decay', cfg.model_ema_decay, 'a number in (0, 1)')
@@ -378,8 +405,9 @@ def _validate_fmd(cfg: TrainConfig) -> None:
     if cfg.fmd_stages is not None:
         _check(bool(cfg.fmd_stages), 'fmd_stages', cfg.fmd_stages, 'at least one stage index')
     if cfg.fmd_stage_scale is not None:
-        _check(cfg.fmd_stages is not None and len(cfg.fmd_stage_scale) == len(cfg.fmd_stages), 'fmd_stage_scale',
-               cfg.fmd_stage_scale, f'one multiplier per --fmd-stages entry ({cfg.fmd_stages})')
+        stages = cfg.fmd_stages or list(FMD_DEFAULTS.stages)
+        _check(len(cfg.fmd_stage_scale) == len(stages), 'fmd_stage_scale', cfg.fmd_stage_scale,
+               f'one multiplier per --fmd-stages entry ({stages})')
         _check(all(s >= 0 for s in cfg.fmd_stage_scale), 'fmd_stage_scale', cfg.fmd_stage_scale, 'multipliers >= 0')
     for name in ('fmd_gamma', 'fmd_lam'):
         value = getattr(cfg, name)
@@ -394,22 +422,47 @@ _GROUPS = {'data_dir': 'data', 'model': 'model', 'img_size': 'input and augmenta
            'amp': 'precision, speed, EMA', 'fmd_prob': 'Feature Map Distortion (fmd_<arch> models)', 'output': 'run'}
 
 
+def _text(value: Any) -> str:
+    """A setting as it is typed on the command line."""
+    if value is None:
+        return 'none'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(_text, value)) if value else 'none'
+    if isinstance(value, dict):
+        return ' '.join(f'{k}={v}' for k, v in value.items()) if value else 'none'
+    return str(value)
+
+
+def _shown_default(name: str, value: Any) -> str:
+    if value is None and name.startswith('fmd_'):  # one set of FMD defaults: the registry's
+        registry = 'no ramp' if name == 'fmd_ramp_epochs' else _text(getattr(FMD_DEFAULTS, name[4:]))
+        return f"none = the registry's: {registry}"
+    return _text(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one option per :class:`TrainConfig` field (values stay raw strings until
     :func:`config_from_args` coerces them, so YAML and command line share one conversion)."""
     parser.add_argument('-c', '--config', help='YAML recipe (e.g. configs/cifar10_resnet56_bfmd.yaml); command-line '
-                                               'options override it, it overrides the defaults')
+                                               'options override it, it overrides the defaults. With neither '
+                                               '--config nor --data-dir: the embedded digits recipe')
     group = parser
     defaults = TrainConfig()
     for name, f in _FIELDS.items():
         if name in _GROUPS:
             group = parser.add_argument_group(_GROUPS[name])
         tp, meta = _TYPES[name], f.metadata
-        default = getattr(defaults, name)
-        kwargs: Dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS,
-                                      help=f"{meta['help']} (default: {default})".replace('%', '%%'))
+        help = f"{meta['help']} (default: {_shown_default(name, getattr(defaults, name))})".replace('%', '%%')
+        kwargs: Dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help)
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is Union else [tp]
         kind = typing.get_origin(inner[0]) if len(inner) == 1 else None
+        if inner == [bool] and name.startswith('no_'):  # --no-aug and --aug, not --no-aug / --no-no-aug
+            group.add_argument(_opt(name), action='store_const', const='true', **kwargs)
+            group.add_argument(_opt(name[3:]), dest=name, action='store_const', const='false',
+                               default=argparse.SUPPRESS, help=f'undo a recipe\'s {_opt(name)}')
+            continue
         if inner == [bool]:
             kwargs['action'] = argparse.BooleanOptionalAction
         elif 'const' in meta:
@@ -424,19 +477,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the YAML of ``--config`` (or, with ``--resume RUN_DIR``, the run's ``config.yaml``),
-    then the options given on the command line; validated."""
+    """Defaults, then a recipe, then the options given on the command line; validated.
+
+    The recipe is ``--config``'s YAML; with ``--resume RUN_DIR`` the run's ``config.yaml``; with none of
+    ``--config``, ``--resume`` and ``--data-dir`` the embedded digits recipe (:data:`DIGITS_RECIPE`).
+    """
     given = {k: v for k, v in vars(args).items() if k in _FIELDS}
     given = {k: 'none' if v == ['none'] else v for k, v in given.items()}
     if given.get('resume'):
         if args.config:
-            raise ValueError('--config: not with --resume (the run directory\'s config.yaml is the base)')
-        base = load_yaml(Path(given['resume']) / 'config.yaml')
+            raise ValueError(f'--config: not with --resume (the run directory\'s config.yaml is the base); continue '
+                             f'the run with `timm-fmd train --resume {given["resume"]}`')
+        run_config = Path(given['resume']) / 'config.yaml'
+        if not run_config.is_file():
+            raise FileNotFoundError(f'--resume: {given["resume"]} has no config.yaml, so it is not a run directory '
+                                    f'(timm-fmd train writes one when a run starts)')
+        base = load_yaml(run_config)
+    elif args.config:
+        base = load_yaml(args.config)
     else:
-        base = load_yaml(args.config) if args.config else {}
+        base = {} if 'data_dir' in given else load_yaml(DIGITS_RECIPE)
     cfg = validate(merge(merge(TrainConfig(), base), given))
     explicit_fmd = sorted(k for k in given if k.startswith('fmd_'))
     if explicit_fmd and not cfg.model.startswith('fmd_'):
+        fix = (f'--model fmd_<its architecture> --pretrained {cfg.model}' if cfg.model.startswith('hf-hub:')
+               else f'--model fmd_{cfg.model}')
         raise ValueError(f'{_opt(explicit_fmd[0])}: Feature Map Distortion needs an fmd_<arch> model, got --model '
-                         f'{cfg.model} (use fmd_{cfg.model})')
+                         f'{cfg.model} (use {fix})')
     return cfg

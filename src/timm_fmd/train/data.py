@@ -29,8 +29,10 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 from torchvision import transforms as T
 
 from .config import TrainConfig
+from .images import load_rgb
 
-__all__ = ['Splits', 'Loaders', 'digits_root', 'build_splits', 'steps_per_epoch', 'data_args', 'build_transforms',
+__all__ = ['DataError', 'load_rgb', 'Splits', 'Loaders', 'digits_root', 'build_splits', 'steps_per_epoch', 'data_args',
+           'build_transforms',
            'build_loaders', 'loaders_for_model', 'build_mixup', 'SampleDataset', 'EpochSampler', 'cache_root']
 
 _logger = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ def _reader(path: Path, class_map: Optional[Dict[str, int]] = None) -> Any:
     if path.is_dir():
         empty = sorted(set(classes) - set(_class_map(reader)))
         if empty:
-            raise ValueError(f'class folder(s) with no images in {path}: {empty}')
+            raise ValueError(f'class folder(s) with no images in {path}: {empty} (add images to them or remove them)')
     if len(reader) == 0:
         raise ValueError(f'data split {path} holds no images')
     return reader
@@ -237,6 +239,26 @@ def build_mixup(cfg: TrainConfig, num_classes: int) -> Optional[Mixup]:
 
 
 # ------------------------------------------------------------------------------ dataset and sampler
+class DataError(ValueError):
+    """A sample that cannot be loaded; the message names the file and what to do.
+
+    Raised inside a DataLoader worker, it reaches the main process rebuilt by torch from text
+    (``Caught DataError in DataLoader worker process N.`` and the worker's whole traceback). The
+    constructor recognises that text and puts the original message first again, so the user reads
+    one line; the worker's traceback stays in ``worker_traceback``.
+    """
+
+    def __init__(self, message: str):
+        self.worker_traceback: Optional[str] = None
+        head = f'Caught {type(self).__name__} '
+        if message.startswith(head):
+            where, _, traceback = message.partition('\n')
+            marker = f'{type(self).__module__}.{type(self).__qualname__}: '
+            self.worker_traceback = traceback
+            message = f"{traceback.rpartition(marker)[2].strip()} [{where[len(head):].rstrip('.')}]"
+        super().__init__(message)
+
+
 @contextmanager
 def _seeded() -> Iterator[Any]:
     """Seed ``random``, NumPy and torch (CPU) per sample; in the main process restore them after."""
@@ -259,8 +281,9 @@ def _seeded() -> Iterator[Any]:
 class SampleDataset(torch.utils.data.Dataset):
     """Samples ``indices`` of a timm reader; items are fetched by ``(position, augmentation_seed)``.
 
-    An unreadable image raises ``ValueError`` naming the file, or with ``skip_corrupt`` yields
-    ``(None, filename)`` which :func:`collate` drops and counts.
+    Images are decoded by :func:`~timm_fmd.train.images.load_rgb`. An unreadable image raises
+    :class:`DataError` naming the file, or with ``skip_corrupt`` yields ``(None, filename)`` which
+    :func:`collate` drops and reports.
     """
 
     def __init__(self, reader: Any, indices: np.ndarray, transform: Any, skip_corrupt: bool = False):
@@ -274,14 +297,17 @@ class SampleDataset(torch.utils.data.Dataset):
         try:
             fobj, target = self.reader[index]
             with fobj:
-                return Image.open(fobj).convert('RGB'), int(target)
+                return load_rgb(fobj, self._name(index)), int(target)
         except Exception as e:
-            name = self.reader.filename(index, absolute=True)
-            if os.path.isfile(self.reader.root):  # a member of a tar
-                name = f'{self.reader.root}::{name}'
+            name = self._name(index)
             if self.skip_corrupt:
                 return None, name
-            raise ValueError(f'unreadable image {name!r}: {e} (fix or remove it, or pass --skip-corrupt)') from e
+            reason = str(e) if isinstance(e, ValueError) else f'cannot read image {name!r}: {type(e).__name__}: {e}'
+            raise DataError(f'{reason} (fix or remove it, or pass --skip-corrupt)') from e
+
+    def _name(self, index: int) -> str:
+        name = self.reader.filename(index, absolute=True)
+        return f'{self.reader.root}::{name}' if os.path.isfile(self.reader.root) else name  # a member of a tar
 
     def __getitems__(self, items: Sequence[Tuple[int, int]]) -> List[Tuple[Any, Any]]:
         out = []
@@ -290,9 +316,17 @@ class SampleDataset(torch.utils.data.Dataset):
                 img, target = self._load(pos)
                 if img is not None:
                     reseed(seed)
-                    img = self.transform(img)
+                    img = self._transform(img, pos)
                 out.append((img, target))
         return out
+
+    def _transform(self, img: Image.Image, pos: int) -> Any:
+        try:
+            return self.transform(img)
+        except Exception as e:  # raised in a worker, a bare traceback would not say which image
+            name = self._name(int(self.indices[pos]))
+            raise DataError(f'the transform failed on image {name!r} ({img.width}x{img.height}): '
+                            f'{type(e).__name__}: {e}') from e
 
     def __getitem__(self, item: Tuple[int, int]) -> Tuple[Any, Any]:
         return self.__getitems__([item])[0]
@@ -303,7 +337,7 @@ def collate(batch: List[Tuple[Any, Any]]) -> Tuple[torch.Tensor, torch.Tensor, L
     skipped = [target for img, target in batch if img is None]
     kept = [(img, target) for img, target in batch if img is not None]
     if not kept:
-        raise ValueError(f'every image of a batch is unreadable, e.g. {skipped[:3]}: is the data set broken?')
+        raise DataError(f'every image of a batch is unreadable, e.g. {skipped[:3]}: is the data set broken?')
     x, y = default_collate(kept)
     return x, y, skipped
 

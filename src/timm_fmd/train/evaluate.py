@@ -43,11 +43,12 @@ def hits(output: torch.Tensor, target: torch.Tensor) -> tuple:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, env: D.DistEnv, autocast: Callable[[], Any],
              channels_last: bool = False) -> Dict[str, float]:
-    """Validation loss, top-1 and top-5 (percent) of ``model`` over ``loader``, summed over ranks."""
+    """Validation loss, top-1 and top-5 (percent) of ``model`` over ``loader``, summed over ranks, and
+    ``val_images``: how many images that is (an unreadable one skipped by ``--skip-corrupt`` is not)."""
     model.eval()
     sums, count = torch.zeros(3, dtype=torch.float64, device=env.device), 0
     for x, y, _ in loader:
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        x, y = D.to_device(env.device, x, y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -57,7 +58,7 @@ def evaluate(model: nn.Module, loader: Any, env: D.DistEnv, autocast: Callable[[
         sums += torch.stack([loss.double(), top1.double(), top5.double()])
         count += len(y)
     loss, top1, top5, n = D.all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]), env).tolist()
-    return dict(val_loss=loss / n, val_top1=100.0 * top1 / n, val_top5=100.0 * top5 / n)
+    return dict(val_loss=loss / n, val_top1=100.0 * top1 / n, val_top5=100.0 * top5 / n, val_images=int(n))
 
 
 @dataclass
@@ -120,10 +121,9 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], data_dir: Optional[str] = 
     with load_run(checkpoint, data_dir, batch_size, workers, device, split) as run:
         metrics = evaluate(run.model, run.loaders.val, run.env, autocast(run.cfg, run.env.device),
                            run.cfg.channels_last)
+    images = metrics.pop('val_images')
     if split == 'train':
         return dict({k.replace('val_', 'train_'): v for k, v in metrics.items()}, checkpoint=str(checkpoint),
-                    epoch=int(run.metadata['epoch']), train_size=len(run.splits.train_indices),
-                    data=run.splits.info['name'])
-    return dict(metrics, checkpoint=str(checkpoint), epoch=int(run.metadata['epoch']),
-                val_size=len(run.splits.val_indices), data=run.splits.info['name'],
-                val_split=run.splits.info['val_split'])
+                    epoch=int(run.metadata['epoch']), train_size=images, data=run.splits.info['name'])
+    return dict(metrics, checkpoint=str(checkpoint), epoch=int(run.metadata['epoch']), val_size=images,
+                data=run.splits.info['name'], val_split=run.splits.info['val_split'])

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import timm
 import torch.nn as nn
+from huggingface_hub.errors import HfHubHTTPError
 
 import timm_fmd
 from timm.models import load_state_dict, split_model_name_tag
@@ -46,20 +47,31 @@ def create_model(cfg: TrainConfig, num_classes: int, steps_per_epoch: int, pretr
     source = cfg.pretrained if pretrained else False
     if source is False:
         return timm.create_model(cfg.model, **kwargs)
-    if source is True:
-        return timm.create_model(cfg.model, pretrained=True, **kwargs)
-    path = Path(source).expanduser()
-    if path.is_file():
+    path = Path(source).expanduser() if isinstance(source, str) else None
+    if path is not None and path.is_file():
         model = timm.create_model(cfg.model, **kwargs)
         _load_file(model, path)
         return model
+    try:
+        return _from_hub(cfg.model, source, kwargs)
+    except (OSError, HfHubHTTPError) as e:  # offline, unreachable, unknown repo: the Hub client's errors
+        detail = str(e).strip().splitlines()
+        raise ValueError(f'--pretrained: cannot get the weights of {cfg.model} ({source}) from the Hugging Face Hub: '
+                         f'{type(e).__name__}: {detail[0] if detail else ""} Check the connection (and HF_ENDPOINT), '
+                         f'set HF_HUB_OFFLINE=1 to use weights already in the cache, or pass a local weights file: '
+                         f'--pretrained PATH') from e
+
+
+def _from_hub(model_name: str, source: Union[bool, str], kwargs: Dict[str, Any]) -> nn.Module:
+    if source is True:
+        return timm.create_model(model_name, pretrained=True, **kwargs)
     if source.startswith('hf-hub:'):
-        return timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=source[7:]),
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=source[7:]),
                                  **kwargs)
     tag = split_model_name_tag(source)[1]
     if not tag:
         raise ValueError(f'--pretrained: {source!r} is not a file, an hf-hub:org/repo source or a timm arch.tag')
-    return timm.create_model(cfg.model, pretrained=True, pretrained_cfg=tag, **kwargs)
+    return timm.create_model(model_name, pretrained=True, pretrained_cfg=tag, **kwargs)
 
 
 def _load_file(model: nn.Module, path: Path) -> None:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..ops.erc import empirical_rademacher_complexity
 from ..inject import fmd_ops
 from ..sites import find_sites
+from .config import FMD_DEFAULTS
 
 __all__ = ['erc_layers', 'layer_erc', 'erc_checkpoint']
 
@@ -31,7 +32,8 @@ def erc_layers(model: nn.Module, stages: Sequence[int] = (-1,), kinds: Sequence[
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     layers = sorted({n for n in nexts if n is not None}, key=order.__getitem__)  # unique, in module order
     if not layers:
-        raise ValueError('no layer to measure: no FMD site of this model links to a next layer; pass layers=')
+        raise ValueError('no layer to measure: no FMD site of this model links to a next layer; name the layers with '
+                         '--layers (Python: layers=)')
     return layers
 
 
@@ -104,8 +106,8 @@ def erc_checkpoint(
     """``timm-fmd erc``: the ERC of a saved run's layers on its validation split (see :func:`layer_erc`)."""
     from .evaluate import load_run  # the run's model, data and transforms, as `timm-fmd eval` rebuilds them
     with load_run(checkpoint, data_dir=data_dir, batch_size=batch_size, device=device) as run:
-        names = list(layers) if layers else erc_layers(run.model, run.cfg.fmd_stages or (-1,),
-                                                       run.cfg.fmd_sites or ('conv',))
+        names = list(layers) if layers else erc_layers(run.model, run.cfg.fmd_stages or FMD_DEFAULTS.stages,
+                                                       run.cfg.fmd_sites or FMD_DEFAULTS.sites)
         values = layer_erc(run.model, run.loaders.val, names, max_batches=max_batches, draws=draws,
                            seed=run.cfg.seed, device=run.env.device)
         size = run.cfg.validation_batch_size or run.cfg.batch_size

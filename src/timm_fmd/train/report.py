@@ -10,14 +10,17 @@ import csv
 import io
 import json
 import math
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import torch
+
 from .checkpoint import atomic_path, atomic_write
 
-__all__ = ['METRIC_COLUMNS', 'MetricsLog', 'write_json', 'plot_curves', 'plot_comparison', 'Progress',
+__all__ = ['METRIC_COLUMNS', 'MetricsLog', 'write_json', 'plot_curves', 'plot_comparison', 'Progress', 'hardware',
            'tensorboard_writer']
 
 METRIC_COLUMNS = ('epoch', 'step', 'lr', 'fmd_prob', 'train_loss', 'train_top1', 'train_top5', 'val_loss',
@@ -145,34 +148,81 @@ def plot_comparison(runs: Sequence[Union[str, Path]], path: Union[str, Path],
 
 # ---------------------------------------------------------------------------------------- progress
 class Progress:
-    """One epoch's progress: a tqdm bar on a terminal, a plain line per update otherwise, or nothing.
+    """One epoch's progress: a live bar on a terminal, a plain line per update otherwise, or nothing.
 
-    ``enabled`` is false on ranks other than 0.
+    On a terminal, tqdm's bar moves every optimiser step (:meth:`advance`, host-side only) and shows
+    images/s and the epoch's ETA; the statistics after it change at each :meth:`update`. Elsewhere
+    (a log file, a pipe) each :meth:`update` prints one line with the same numbers. ``enabled`` is
+    false on ranks other than 0.
+
+    Args:
+        total: optimiser steps in the epoch.
+        desc: the prefix, e.g. ``'epoch 3/12'``.
+        images_per_step: images of one optimiser step over all processes (the rate's unit).
+        tty: force the terminal (True) or line (False) form; default: ``sys.stdout.isatty()``.
     """
 
-    def __init__(self, total: int, desc: str, enabled: bool = True, tty: Optional[bool] = None):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.done, self.start = 0, time.perf_counter()
+    def __init__(self, total: int, desc: str, enabled: bool = True, tty: Optional[bool] = None,
+                 images_per_step: int = 1, start: int = 0):
+        self.total, self.desc, self.enabled, self.images_per_step = total, desc, enabled, images_per_step
+        self.done, self.first, self.start = start, start, time.perf_counter()
         self.bar = None
         if enabled and (sys.stdout.isatty() if tty is None else tty):
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stdout)
+            self.bar = tqdm(total=total * images_per_step, initial=start * images_per_step, desc=desc, unit='img',
+                            dynamic_ncols=True, leave=False, file=sys.stdout, smoothing=0.1)
+
+    def advance(self, done: int) -> None:
+        """``done`` of ``total`` steps are finished (the bar moves; no line is printed)."""
+        if self.bar is not None:
+            self.bar.update((done - self.done) * self.images_per_step)
+        self.done = done
 
     def update(self, done: int, **stats: Any) -> None:
-        """Report ``done`` of ``total`` steps finished, with ``stats`` (already formatted values)."""
+        """``done`` steps are finished, with ``stats`` (already formatted values) to show."""
+        if not self.enabled:
+            return
+        self.advance(done)
+        if self.bar is not None:
+            self.bar.set_postfix(stats, refresh=True)
+            return
+        text = ' '.join(f'{k} {v}' for k, v in stats.items())
+        print(f'{self.desc} [{done}/{self.total}] {text} eta {self._eta()}', flush=True)
+
+    def _eta(self) -> str:
+        elapsed, steps = time.perf_counter() - self.start, self.done - self.first
+        if steps <= 0:
+            return '?'
+        return f'{elapsed / steps * (self.total - self.done):.0f}s'
+
+    def write(self, message: str) -> None:
+        """Print ``message`` on its own line (above the bar on a terminal)."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(done - self.done)
-            self.bar.set_postfix(stats, refresh=False)
+            self.bar.write(message, file=sys.stdout)
         else:
-            text = ' '.join(f'{k} {v}' for k, v in stats.items())
-            print(f'{self.desc} [{done}/{self.total}] {text}', flush=True)
-        self.done = done
+            print(message, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def hardware(device: Any, world_size: int) -> Dict[str, Any]:
+    """What a run trained on, for results.json and the model card: the device kind and model name, the
+    number of processes and torch's CPU threads per process (CPU results depend on the thread count)."""
+    kind = getattr(device, 'type', str(device))
+    if kind == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open('/proc/cpuinfo') as f:
+                name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
+        except OSError:
+            pass
+    return dict(device=kind, name=name, processes=world_size, threads=torch.get_num_threads())
 
 
 def tensorboard_writer(run_dir: Union[str, Path]) -> Any:

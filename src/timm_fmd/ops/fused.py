@@ -1,0 +1,356 @@
+"""The fused GPU path of the op: Triton kernels (:mod:`timm_fmd.ops.kernels`) behind ``torch.library`` custom ops.
+
+:func:`timm_fmd.ops.distortion.feature_map_distortion` takes this path when :func:`applies` says so: the map
+is on a CUDA device, Triton imports, and the call is the common case -- ``lam == 0``, ``steps == 1``, no
+user ``mask=``, a float32 / bfloat16 / float16 map of at most 2**30 elements (int32 offsets), any layout
+(``NC``, ``NLC``, ``NCL``, ``NCHW``, ``NHWC``) and strides, element or block masks, per-channel or shared,
+approx or exact mode. Everything else runs the PyTorch path, which is the reference this path is tested against.
+
+What differs from the reference, by design:
+
+* randomness comes from Philox in the kernels, keyed by one seed per call drawn on the device from torch's
+  generator (``torch.randint``; ``generator=`` when given): ``torch.manual_seed``, checkpoint recompute,
+  resume, per-rank seeds and CUDA-graph replay behave as for ``torch.nn.functional.dropout``, but the draws
+  are not the reference's draws for the same seed (same distribution, other numbers);
+* ``std(x)`` is exact over every element (Chan/Welford partials), never the reference's strided subset;
+* autograd keeps the seed and a 4-float statistics buffer, never a mask: the backward kernel regenerates it.
+
+Forward: a seed draw, ``fmd_stats`` (statistics kernel + one-program finalize kernel), then ``fmd_apply`` (one
+kernel); approx mode adds the next layer's ``K_M`` (one ``amax``), exact mode the ERC gradient ``D`` in
+PyTorch between the two ops (``rademacher_sup``: the next layer's op, its transpose and a few reductions).
+Backward: ``fmd_grad``, one kernel. No host synchronisation anywhere; the probability may be a 0-dim device
+tensor (the block seed rate then comes from :func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the
+kernels), so the ops can be captured in a CUDA graph and ``torch.compile(fullgraph=True)`` sees them as opaque
+ops with fake (shape) implementations.
+"""
+import contextlib
+import functools
+import importlib.util
+import operator
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from .erc import rademacher_sup
+from .masks import RATE_TABLE_SIZE, RATE_TABLE_T_MAX, block_seed_rate, clamp_block_size, seed_rate_table
+from .next_layer import NO_NEXT_LAYER_WEIGHT, ONE_BY_ONE_FACTOR
+from .noise import generator_kwargs
+
+__all__ = ['applies', 'distort', 'forced', 'disabled', 'plan', 'MAX_ELEMENTS']
+
+MAX_ELEMENTS = 1 << 30  # Philox counters and offsets are int32
+TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (8 warps; no spills on sm_90, see the tests)
+INTERPRET_TILE_ELEMENTS = 1 << 16  # the interpreter costs ~50 ms per program whatever its size: few, large tiles
+PROGRAMS_PER_SM = 4
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_T_SCALE = (RATE_TABLE_SIZE - 1) / RATE_TABLE_T_MAX
+
+_override: Optional[bool] = None  # None: CUDA maps only; True: CPU maps too (interpreter); False: never
+
+
+@contextlib.contextmanager
+def _overridden(value: bool) -> Iterator[None]:
+    global _override
+    previous, _override = _override, value
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def forced():
+    """Context: run the fused path on CPU tensors too (tests; needs ``TRITON_INTERPRET=1`` before triton is
+    imported, see ``tests/ops/fused/conftest.py``)."""
+    return _overridden(True)
+
+
+def disabled():
+    """Context: never run the fused path (benchmarks time the PyTorch reference on a GPU with it)."""
+    return _overridden(False)
+
+
+_HAVE_TRITON = importlib.util.find_spec('triton') is not None  # without importing it (it is imported lazily)
+
+
+def applies(x: torch.Tensor, *, lam: float, steps: int, mask: Optional[torch.Tensor], noise) -> bool:
+    """Whether :func:`distort` handles this call (see the module docstring); else the PyTorch reference does."""
+    if _override is False or (x.device.type != 'cuda' and not _override):
+        return False
+    # int32 offsets in the kernels: the map and the memory span it reads must stay below 2**30 / 2**31
+    span = sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()))
+    return (lam == 0 and steps == 1 and mask is None and noise is None and x.dtype in DTYPES
+            and 0 < x.numel() <= MAX_ELEMENTS and span < 2 ** 31 and _HAVE_TRITON)
+
+
+class _Config(NamedTuple):
+    """What the kernels are specialised on, passed to the custom ops as a list of ints."""
+    kh: int
+    kw: int
+    block: int
+    shared: int
+    exact: int
+    rate_from: int  # 0: the float ``rate``; 1: the tensor prob is the element rate; 2: prob through the table
+    window: int  # next layer's kernel area (the exact step's 1/|w|; the approx weight's window)
+    signed: int  # approx weight from random signs over a conv window (else K_M itself or the fixed weight)
+    has_km: int
+
+
+class _Plan(NamedTuple):
+    """Tiles and grid of one launch, from shapes only (host arithmetic, no device work)."""
+    bc: int
+    th: int
+    tw: int
+    n_ht: int
+    n_wt: int
+    n_tiles: int
+    n_split: int
+    b_chunk: int
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    if device.type != 'cuda':
+        return 1  # the interpreter: one program per batch chunk, the whole batch in one
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: int, *, gpu: bool,
+         programs: int) -> _Plan:
+    """Tiles and grid for a ``(B, C, H, W)`` map: a register tile of at most ``TILE_ELEMENTS`` on a GPU
+    (``INTERPRET_TILE_ELEMENTS`` in the interpreter), and enough batch chunks for ``programs`` programs."""
+    batch, channels, height, width = shape
+    budget = TILE_ELEMENTS if gpu else INTERPRET_TILE_ELEMENTS
+    # channels fastest in memory (channels_last, NHWC, tokens): enough channels per tile for coalesced access
+    min_bc = 16 if channel_stride == 1 and channels > 1 and gpu else 1
+    th, tw = _np2(height), _np2(width)
+    # halve the larger side while the tile still advances by at least half its size past the halo
+    can_h, can_w = (lambda: th >= 2 and th // 2 >= 2 * (kh - 1)), (lambda: tw >= 2 and tw // 2 >= 2 * (kw - 1))
+    while min_bc * th * tw > budget and (can_h() or can_w()):
+        if can_h() and (th >= tw or not can_w()):
+            th //= 2
+        else:
+            tw //= 2
+    bc = min(_np2(channels), max(1, budget // (th * tw)))
+    n_ht = 1 if height <= th else 1 + _cdiv(height - th, th - kh + 1)
+    n_wt = 1 if width <= tw else 1 + _cdiv(width - tw, tw - kw + 1)
+    n_tiles = _cdiv(channels, bc) * n_ht * n_wt
+    b_chunk = _cdiv(batch, min(batch, max(1, _cdiv(programs, n_tiles))))
+    return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk)
+
+
+def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
+    return plan(tuple(x4.shape), x4.stride(1), cfg.kh, cfg.kw, gpu=x4.device.type == 'cuda',
+                programs=_target_programs(x4.device))
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """A canonical ``(B, C)`` / ``(B, C, L)`` / ``(B, C, H, W)`` map as a ``(B, C, H, W)`` view."""
+    if t.ndim == 2:
+        return t[:, :, None, None]
+    if t.ndim == 3:
+        return t[:, :, None, :]
+    return t
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == 'cuda' else contextlib.nullcontext()
+
+
+def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if t is None else t  # an unused pointer argument still needs a tensor
+
+
+def num_warps(tiles: _Plan) -> int:
+    """8 warps for the largest tiles: 16-32 elements per thread keep the registers below 255 (no spills)."""
+    return 8 if tiles.bc * tiles.th * tiles.tw >= 4096 else 4
+
+
+def _table(cfg: _Config, x4: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+    """The seed-rate table when the kernels interpolate a tensor prob in it (cached; inside the ops, so a compiled
+    graph never holds it), else any tensor for the unused pointer."""
+    if cfg.rate_from != 2:
+        return unused
+    return seed_rate_table(x4.shape[2], x4.shape[3], cfg.kh, cfg.kw, x4.device)
+
+
+def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
+    return dict(BLOCK=bool(cfg.block), SHARED=bool(cfg.shared), RATE_FROM=cfg.rate_from, TABLE_SIZE=RATE_TABLE_SIZE,
+                BC=tiles.bc, TH=tiles.th, TW=tiles.tw, num_warps=num_warps(tiles))
+
+
+def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
+                  rate: float, gamma: float, w_factor: float, config: List[int],
+                  report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    from . import kernels
+    cfg = _Config(*config)
+    x4 = _as_4d(x)
+    batch, channels, height, width = x4.shape
+    tiles = _plan(x4, cfg)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    parts = torch.empty((tiles.n_tiles * tiles.n_split, 4), **f32)
+    g = torch.empty((tiles.n_split, channels, height, width), **f32) if cfg.exact else parts
+    stats = torch.empty(4, **f32)
+    coef = parts if cfg.exact else torch.empty(channels, **f32)
+    signs = parts
+    if report is not None and cfg.signed:
+        signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
+    with _device_guard(x):
+        kernels.fmd_stats_kernel[(tiles.n_tiles, tiles.n_split)](
+            x4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, g, rate, _T_SCALE, batch, channels, height, width,
+            *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact),
+            **_mask_args(cfg, tiles))
+        kernels.fmd_finalize_kernel[(1,)](
+            parts, stats, _or(k_max, stats), coef, seed, signs, parts.shape[0], float(x.numel()), gamma, w_factor,
+            channels, cfg.window, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km), SIGNED=bool(cfg.signed),
+            REPORT=report is not None, PB=1024, CB=64, WINP=_np2(cfg.window))
+    if cfg.exact:  # G = sum over the batch chunks, in the map's canonical (C, *spatial) shape
+        coef = (g.sum(0) if tiles.n_split > 1 else g[0]).reshape((channels,) + tuple(x.shape[2:]))
+    return stats, coef
+
+
+def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
+                  coef: torch.Tensor, rate: float, config: List[int], report: Optional[dict] = None) -> torch.Tensor:
+    from . import kernels
+    cfg = _Config(*config)
+    out = torch.empty_like(x)
+    x4, out4 = _as_4d(x), _as_4d(out)
+    batch, channels, height, width = x4.shape
+    tiles = _plan(x4, cfg)
+    reports = [stats] * 4
+    if report is not None:
+        new = functools.partial(torch.zeros, device=x.device)
+        report['mask'] = new(x4.shape, dtype=torch.int8)
+        report['seeds'] = new((batch, 1 if cfg.shared else channels, height, width), dtype=torch.int8)
+        report['normal'] = new(x4.shape, dtype=torch.float32)
+        report['sigma'] = new(batch, dtype=torch.float32)
+        reports = [report[k] for k in ('mask', 'seeds', 'normal', 'sigma')]
+    with _device_guard(x):
+        kernels.fmd_apply_kernel[(tiles.n_tiles, tiles.n_split)](
+            x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), stats, coef.contiguous(), *reports,
+            rate, _T_SCALE, float(cfg.window), batch, channels, height, width, *x4.stride(), *out4.stride(),
+            tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), REPORT=report is not None,
+            **_mask_args(cfg, tiles))
+    return out
+
+
+@torch.library.custom_op('timm_fmd::fmd_stats', mutates_args=())
+def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
+              rate: float, gamma: float, w_factor: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(stats, coef)``: stats = (std, scale, fraction, gamma * std) float32; coef = approx ``gamma std w_c``
+    ``(C,)`` or exact ``G`` ``(C, *spatial)``."""
+    return _launch_stats(x, seed, prob, k_max, rate, gamma, w_factor, config)
+
+
+@_stats_op.register_fake
+def _(x, seed, prob, k_max, rate, gamma, w_factor, config):
+    cfg = _Config(*config)
+    coef_shape = (x.shape[1],) + (tuple(x.shape[2:]) if cfg.exact else ())
+    return x.new_empty(4, dtype=torch.float32), x.new_empty(coef_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op('timm_fmd::fmd_apply', mutates_args=())
+def _apply_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
+              coef: torch.Tensor, rate: float, config: List[int]) -> torch.Tensor:
+    """The distorted map: ``where(m, value, x) * scale`` in x's dtype and memory format."""
+    return _launch_apply(x, seed, prob, stats, coef, rate, config)
+
+
+@_apply_op.register_fake
+def _(x, seed, prob, stats, coef, rate, config):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op('timm_fmd::fmd_grad', mutates_args=())
+def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor, rate: float,
+             config: List[int], strides: List[int]) -> torch.Tensor:
+    """``where(m, 0, grad * scale)`` with the mask regenerated from ``seed``; laid out with ``strides``."""
+    from . import kernels
+    cfg = _Config(*config)
+    dx = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
+    g4, dx4 = _as_4d(grad), _as_4d(dx)
+    batch, channels, height, width = g4.shape
+    tiles = _plan(dx4, cfg)
+    with _device_guard(grad):
+        kernels.fmd_grad_kernel[(tiles.n_tiles, tiles.n_split)](
+            g4, dx4, seed, _or(prob, seed), _table(cfg, g4, stats), stats, rate, _T_SCALE, batch, channels, height,
+            width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw,
+            **_mask_args(cfg, tiles))
+    return dx
+
+
+@_grad_op.register_fake
+def _(grad, seed, prob, stats, rate, config, strides):
+    return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, seed, prob, stats, coef, rate, config = inputs
+    ctx.save_for_backward(seed, prob, stats)  # the mask is regenerated, never saved
+    ctx.rate, ctx.config, ctx.strides = rate, config, list(x.stride())
+
+
+def _backward(ctx, grad):
+    seed, prob, stats = ctx.saved_tensors
+    dx = _grad_op(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
+    return dx, None, None, None, None, None, None
+
+
+_apply_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def distort(
+        xc: torch.Tensor,
+        prob: Union[float, torch.Tensor],
+        *,
+        gamma: float,
+        exact: bool,
+        next_layer,
+        block_size: Optional[int],
+        shared_mask: bool,
+        generator: Optional[torch.Generator],
+        report: Optional[dict] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The op on a canonical ``(B, C, *spatial)`` map: ``(out, realised fraction)`` (see the module docstring).
+
+    ``next_layer`` is a :class:`timm_fmd.ops.next_layer.NextLayer` or ``None``; ``exact`` means exact mode with a
+    next layer. ``report`` (tests) runs the kernels directly, not through the custom ops, and fills the dict with
+    what they drew: ``mask``, ``seeds`` (block seed field), ``normal``, ``sigma`` and ``weight_signs``.
+    """
+    # operator.index: under torch.compile with dynamic shapes the kernels' map size is specialised (a guard)
+    channels, spatial = xc.shape[1], tuple(operator.index(n) for n in xc.shape[2:])
+    block = block_size is not None
+    kh, kw = clamp_block_size(block_size, *spatial) if block else (1, 1)
+    prob_t = None
+    rate = 0.0
+    if isinstance(prob, torch.Tensor):
+        prob_t = prob.to(device=xc.device)
+        rate_from = 2 if block else 1
+    else:
+        rate_from = 0
+        rate = block_seed_rate(prob, *spatial, block_size) if block else prob
+    k_max, w_factor, window, signed = None, NO_NEXT_LAYER_WEIGHT, 1, False
+    if next_layer is not None:
+        window = next_layer.window
+        if not exact:
+            k_max = next_layer.channel_max().reshape(channels, -1)
+            signed = next_layer.kind == 'conv'
+            w_factor = ONE_BY_ONE_FACTOR if signed and window == 1 else 1.0
+    config = list(_Config(kh, kw, int(block), int(block and shared_mask), int(exact), rate_from, window, int(signed),
+                          int(k_max is not None)))
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=xc.device, **generator_kwargs(generator))
+    stats_fn, apply_fn = (_stats_op, _apply_op) if report is None else (
+        functools.partial(_launch_stats, report=report), functools.partial(_launch_apply, report=report))
+    stats, coef = stats_fn(xc.detach(), seed, prob_t, k_max, rate, gamma, w_factor, config)
+    if exact:
+        with torch.autocast(xc.device.type, enabled=False):
+            _, coef = rademacher_sup(next_layer, coef)  # D = K[k_hat]^T S[k_hat] (Eq. 14 / 22-24)
+    out = apply_fn(xc, seed, prob_t, stats, coef.to(torch.float32), rate, config)
+    return out, stats[2]

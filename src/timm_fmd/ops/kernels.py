@@ -1,0 +1,268 @@
+"""Triton kernels of the fused FMD path (see :mod:`timm_fmd.ops.fused` for the op around them).
+
+Three kernels per forward and one per backward, each over tiles of the canonical ``(B, C, H, W)`` map
+(``(B, C)`` is ``H = W = 1``, ``(B, C, L)`` is ``H = 1, W = L``) addressed through strides, so contiguous,
+channels_last and any other strides need no copy:
+
+* :func:`fmd_stats_kernel` -- per program Chan/Welford partials ``(n, mean, M2)`` of ``x`` and the count of
+  distorted elements; in exact mode also ``G = sum_b sigma_b x_b (1 - m_b)`` (Eq. 8 / 18) for its tile,
+  looping over a chunk of the batch (deterministic, no atomics);
+* :func:`fmd_finalize_kernel` -- one program: ``std(x)`` (unbiased, over every element), the realised
+  fraction, ``scale = 1 / (1 - fraction)`` and, in approx mode, the per-channel coefficient
+  ``gamma * std * w_c`` (Eq. 15 / 22, the authors' ``w_c`` with random signs from the kernel's stream);
+* :func:`fmd_apply_kernel` -- ``out = where(m, value, x) * scale`` with ``value = -gamma std w_c z`` (approx)
+  or ``-sigma_b gamma std / |w| * D[c, h, w]`` (exact);
+* :func:`fmd_grad_kernel` -- ``grad_x = where(m, 0, grad * scale)``.
+
+The mask is never stored: every kernel regenerates it from the call's seed with counter-based Philox
+(``tl.rand``), as in seeded low-memory dropout. Random streams use the Philox key ``4 * seed + k`` (``k`` = 0
+block seeds / element uniforms, 1 normals, 2 weight signs, 3 sample signs) and the *logical* canonical index
+of the element (or seed position, channel-window entry, sample) as counter, so the draws do not depend on
+the memory layout. Block masks follow :func:`timm_fmd.ops.masks.block_mask`: seeds only at valid block
+starts ``(i <= H - kh, j <= W - kw)``, each grown into ``[i, i + kh) x [j, j + kw)``, here by two running-max
+scans in registers (last seed column within ``kw`` along a row, then last such row within ``kh``). A tile
+larger than the map holds a whole plane; a smaller one overlaps its neighbours by a halo of ``kh - 1`` rows /
+``kw - 1`` columns whose seeds it regenerates but does not own.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NO_SEED = tl.constexpr(-(1 << 20))  # below any index minus a block size: "no seed seen yet" in the running-max scans
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr):
+    """The seed (or element) rate: the float ``rate`` (0), the tensor prob (1), or prob through the table (2)."""
+    if RATE_FROM == 0:
+        r = rate
+    elif RATE_FROM == 1:
+        r = tl.load(prob_ptr).to(tl.float32)
+    else:  # masks.seed_rate_table: s = -log(1 - rate) on a uniform grid of t = -log(1 - prob)
+        t = -tl.log(1.0 - tl.load(prob_ptr).to(tl.float32))
+        pos = tl.minimum(tl.maximum(t * t_scale, 0.0), TABLE_SIZE - 1.0)
+        base = tl.minimum(tl.floor(pos), TABLE_SIZE - 2.0)
+        i = base.to(tl.int32)
+        s0 = tl.load(table_ptr + i)
+        s1 = tl.load(table_ptr + i + 1)
+        r = 1.0 - tl.exp(-(s0 + (pos - base) * (s1 - s0)))
+    return r
+
+
+@triton.jit
+def _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Canonical indices ``c (BC,1,1)``, ``h (1,TH,1)``, ``w (1,1,TW)`` of a tile and the elements it owns."""
+    wt = tile % n_wt
+    ht = (tile // n_wt) % n_ht
+    ct = tile // (n_wt * n_ht)
+    hs = ht * (TH - KH + 1)  # consecutive tiles overlap by the halo of KH - 1 rows (KW - 1 columns)
+    ws = wt * (TW - KW + 1)
+    c = ct * BC + tl.arange(0, BC)[:, None, None]
+    h = hs + tl.arange(0, TH)[None, :, None]
+    w = ws + tl.arange(0, TW)[None, None, :]
+    own_h = (h >= hs + tl.where(ht > 0, KH - 1, 0)) & (h < H)
+    own_w = (w >= ws + tl.where(wt > 0, KW - 1, 0)) & (w < W)
+    own = (c < C) & own_h & own_w
+    return c, h, w, own
+
+
+@triton.jit
+def _mask(key, rate, b, c, h, w, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+    """The distortion mask at ``(b, c, h, w)`` and the block seeds it grew from (``(1, TH, TW)`` when shared)."""
+    if BLOCK:
+        if SHARED:  # one seed field per sample, broadcast over the channels
+            cm = tl.zeros((1, 1, 1), dtype=tl.int32)
+            planes = 1
+        else:
+            cm = c
+            planes = C
+        valid = (h <= H - KH) & (w <= W - KW)
+        seeds = valid & (tl.rand(key, ((b * planes + cm) * H + h) * W + w) < rate)
+        last_col = tl.associative_scan(tl.where(seeds, w, NO_SEED), 2, _maximum)
+        rows = last_col > w - KW  # a seed within the KW columns ending here, in this row
+        last_row = tl.associative_scan(tl.where(rows, h, NO_SEED), 1, _maximum)
+        m = last_row > h - KH
+    else:
+        seeds = tl.rand(key, ((b * C + c) * H + h) * W + w) < rate
+        m = seeds
+    return m, seeds
+
+
+@triton.jit
+def _sample_sign(key, b):
+    """``sigma_b`` in {-1, +1} (``DrawnNoise.sample_signs``: ``u < 0.5`` is -1)."""
+    u = tl.rand(key + 3, tl.full((1,), 0, tl.int32) + b)  # a 1-element block: b may be a plain int (interpreter)
+    return tl.sum(tl.where(u < 0.5, -1.0, 1.0))
+
+
+@triton.jit
+def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
+                     rate, t_scale, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_ht, n_wt, KH, KW,
+                     BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr, RATE_FROM: tl.constexpr,
+                     TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    key = tl.load(seed_ptr).to(tl.int64) * 4
+    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
+    c, h, w, own = _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
+    offsets = c * sxc + h * sxh + w * sxw
+    n_tile = tl.sum(own.to(tl.float32))
+    count = 0.0
+    n_acc = 0.0
+    mean_acc = 0.0
+    m2_acc = 0.0
+    g = tl.zeros((BC, TH, TW), dtype=tl.float32)
+    for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
+        b = split * b_chunk + i
+        if b < B:
+            x = tl.load(x_ptr + b * sxb + offsets, mask=own, other=0.0).to(tl.float32)
+            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            distorted = m & own
+            count += tl.sum(distorted.to(tl.float32))
+            # Chan et al.'s merge of this sample's tile statistics into the running ones
+            mean_b = tl.sum(x) / n_tile
+            dev = tl.where(own, x - mean_b, 0.0)
+            m2_b = tl.sum(dev * dev)
+            n_new = n_acc + n_tile
+            delta = mean_b - mean_acc
+            mean_acc += delta * (n_tile / n_new)
+            m2_acc += m2_b + delta * delta * (n_acc * n_tile / n_new)
+            n_acc = n_new
+            if EXACT:
+                g += tl.where(distorted, 0.0, x * _sample_sign(key, b))
+    part = part_ptr + (tile * tl.num_programs(1) + split) * 4
+    tl.store(part, n_acc)
+    tl.store(part + 1, mean_acc)
+    tl.store(part + 2, m2_acc)
+    tl.store(part + 3, count)
+    if EXACT:
+        tl.store(g_ptr + split * C * H * W + (c * H + h) * W + w, g, mask=own)
+
+
+@triton.jit
+def fmd_finalize_kernel(part_ptr, stats_ptr, km_ptr, coef_ptr, seed_ptr, sign_ptr,
+                        n_parts, numel, gamma, w_factor, C, WIN,
+                        EXACT: tl.constexpr, HAS_KM: tl.constexpr, SIGNED: tl.constexpr, REPORT: tl.constexpr,
+                        PB: tl.constexpr, CB: tl.constexpr, WINP: tl.constexpr):
+    i = tl.arange(0, PB)
+    total = 0.0
+    weighted = 0.0
+    count = 0.0
+    for start in range(0, n_parts, PB):
+        ok = start + i < n_parts
+        part = part_ptr + (start + i) * 4
+        n = tl.load(part, mask=ok, other=0.0)
+        total += tl.sum(n)
+        weighted += tl.sum(n * tl.load(part + 1, mask=ok, other=0.0))
+        count += tl.sum(tl.load(part + 3, mask=ok, other=0.0))
+    mean = weighted / total
+    m2 = 0.0
+    for start in range(0, n_parts, PB):
+        ok = start + i < n_parts
+        part = part_ptr + (start + i) * 4
+        n = tl.load(part, mask=ok, other=0.0)
+        dev = tl.load(part + 1, mask=ok, other=0.0) - mean
+        m2 += tl.sum(tl.load(part + 2, mask=ok, other=0.0) + n * dev * dev)
+    std = tl.sqrt(m2 / tl.where(total > 1.0, total - 1.0, total))  # unbiased, as torch.std
+    fraction = count / numel
+    scale = tl.where(fraction < 1.0, 1.0 / (1.0 - fraction), 1.0)
+    step = gamma * std
+    tl.store(stats_ptr, std)
+    tl.store(stats_ptr + 1, scale)
+    tl.store(stats_ptr + 2, fraction)
+    tl.store(stats_ptr + 3, step)
+    if not EXACT:  # approx: coef_c = gamma * std * w_c
+        key = tl.load(seed_ptr).to(tl.int64) * 4
+        k = tl.arange(0, WINP)[None, :]
+        for c0 in range(0, C, CB):
+            c = c0 + tl.arange(0, CB)[:, None]
+            if HAS_KM:
+                entry = c * WIN + k
+                k_max = tl.load(km_ptr + entry, mask=(c < C) & (k < WIN), other=0.0).to(tl.float32)
+                if SIGNED:  # mean over the kernel window of random signs times K_M (Eq. 22, the authors' w_c)
+                    positive = tl.rand(key + 2, entry) < 0.5
+                    w = tl.sum(tl.where(positive, k_max, -k_max), axis=1) / WIN
+                    if REPORT:
+                        tl.store(sign_ptr + entry, positive.to(tl.int8), mask=(c < C) & (k < WIN))
+                else:  # linear next layer: w_c = K_M[c]
+                    w = tl.sum(k_max, axis=1)
+                w = w * w_factor
+            else:  # no next layer: the authors' fixed weight
+                w = tl.zeros((CB,), dtype=tl.float32) + w_factor
+            cc = c0 + tl.arange(0, CB)
+            tl.store(coef_ptr + cc, w * step, mask=cc < C)
+
+
+@triton.jit
+def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr, coef_ptr,
+                     mask_rep, seed_rep, normal_rep, sigma_rep,
+                     rate, t_scale, window, B, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, b_chunk, n_ht, n_wt,
+                     KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr,
+                     RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, REPORT: tl.constexpr,
+                     BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    key = tl.load(seed_ptr).to(tl.int64) * 4
+    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
+    c, h, w, own = _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
+    x_offsets = c * sxc + h * sxh + w * sxw
+    out_offsets = c * soc + h * soh + w * sow
+    scale = tl.load(stats_ptr + 1)
+    step = tl.load(stats_ptr + 3)
+    if EXACT:
+        d = tl.load(coef_ptr + (c * H + h) * W + w, mask=own, other=0.0)
+    else:
+        coef = tl.load(coef_ptr + c, mask=c < C, other=0.0)
+    for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
+        b = split * b_chunk + i
+        if b < B:
+            x = tl.load(x_ptr + b * sxb + x_offsets, mask=own, other=0.0).to(tl.float32)
+            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            index = ((b * C + c) * H + h) * W + w  # logical canonical index
+            if EXACT:
+                sigma = _sample_sign(key, b)
+                value = -((sigma * (step / window)) * d)
+            else:
+                z = tl.randn(key + 1, index)
+                value = -(coef * z)
+            y = tl.where(m, value, x) * scale
+            tl.store(out_ptr + b * sob + out_offsets, y.to(out_ptr.dtype.element_ty), mask=own)
+            if REPORT:  # for tests: the mask, seed field, normals and signs this kernel used
+                tl.store(mask_rep + index, (m & own).to(tl.int8), mask=own)
+                if BLOCK:
+                    if SHARED:
+                        first = own & (c == 0)  # (BC, TH, TW) like the pointers below; seeds is (1, TH, TW)
+                        tl.store(seed_rep + (b * H + h) * W + w + 0 * c, (seeds & first).to(tl.int8), mask=first)
+                    else:
+                        tl.store(seed_rep + index, seeds.to(tl.int8), mask=own)
+                if EXACT:
+                    tl.store(sigma_rep + b, sigma)
+                else:
+                    tl.store(normal_rep + index, z, mask=own)
+
+
+@triton.jit
+def fmd_grad_kernel(g_ptr, dx_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr,
+                    rate, t_scale, B, C, H, W, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, b_chunk, n_ht, n_wt, KH, KW,
+                    BLOCK: tl.constexpr, SHARED: tl.constexpr, RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr,
+                    BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    key = tl.load(seed_ptr).to(tl.int64) * 4
+    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
+    c, h, w, own = _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
+    g_offsets = c * sgc + h * sgh + w * sgw
+    dx_offsets = c * sdc + h * sdh + w * sdw
+    scale = tl.load(stats_ptr + 1)
+    for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
+        b = split * b_chunk + i
+        if b < B:
+            g = tl.load(g_ptr + b * sgb + g_offsets, mask=own, other=0.0).to(tl.float32)
+            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            tl.store(dx_ptr + b * sdb + dx_offsets, tl.where(m, 0.0, g * scale).to(dx_ptr.dtype.element_ty), mask=own)

@@ -1,0 +1,106 @@
+"""The fused path on a real GPU (``python -m pytest -m cuda``; skipped without CUDA).
+
+The interpreter tests beside this file check the kernels' logic on CPU; these check the compiled kernels:
+equality with the reference given the kernels' own mask and noise, the distribution of the realised fraction,
+inductor and CUDA graphs, and that the backward pass keeps no mask.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from timm_fmd.ops import fused
+from timm_fmd.ops.distortion import BlockFeatureMapDistortion, _distort
+from timm_fmd.ops.masks import block_mask
+
+from .test_fused import _check_against_reference, _report
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize('block_size,shared', [(None, False), (7, False), (7, True), (4, False)])
+@pytest.mark.parametrize('mode', ['approx', 'exact'])
+@pytest.mark.parametrize('dtype,channels_last', [(torch.float32, False), (torch.bfloat16, True),
+                                                 (torch.float16, True)])
+def test_fused_matches_the_reference_on_cuda(block_size, shared, mode, dtype, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 14, 14, device='cuda')
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = nn.Conv2d(64, 32, 3, padding=1).cuda()
+    _check_against_reference(x.to(dtype), 0.1, mode=mode, next_layer=layer, block_size=block_size, shared=shared)
+
+
+def test_tokens_match_the_reference_on_cuda():
+    torch.manual_seed(1)
+    x = torch.randn(8, 197, 96, device='cuda', dtype=torch.bfloat16)
+    _check_against_reference(x, 0.1, layout='NLC', mode='exact', next_layer=nn.Linear(96, 48).cuda())
+
+
+def test_realised_fraction_is_distributed_as_the_reference():
+    """Over 200 calls at prob 0.1, block 7, per-channel masks on 14x14 maps: the mean realised fraction is prob
+    (to 4 standard errors) and its spread matches the reference masks' spread (within 25%)."""
+    shape = (16, 128, 14, 14)
+    x = torch.randn(shape, device='cuda', dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    ours = torch.stack([_distort(x, 0.1, gamma=1.0, lam=0.0, steps=1, mode='approx', next_layer=None, block_size=7,
+                                 shared_mask=False, layout=None, generator=None, mask=None)[1] for _ in range(200)])
+    ref = torch.stack([block_mask(*shape, 0.1, 7, device='cuda').float().mean() for _ in range(200)])
+    assert abs(ours.mean().item() - 0.1) < 4 * ref.std().item() / 200 ** 0.5
+    assert 0.75 < ours.std().item() / ref.std().item() < 1.25
+
+
+@pytest.mark.parametrize('mode', ['default', 'reduce-overhead'])
+def test_compiles_with_inductor_and_replays_new_masks(mode):
+    torch.manual_seed(3)
+    layer = nn.Conv2d(64, 32, 3, padding=1).cuda()
+    m = BlockFeatureMapDistortion(0.1, 7, next_layer=layer, mode='exact').cuda()
+    m.ramp.driven = True
+    compiled = torch.compile(m, mode=None if mode == 'default' else mode, fullgraph=True)
+    x = torch.randn(8, 64, 14, 14, device='cuda', requires_grad=True)
+    masks = []
+    for _ in range(4):
+        out = compiled(x)
+        out.backward(torch.ones_like(out))
+        masks.append((x.grad == 0).clone())
+        x.grad = None
+    for a, b in zip(masks, masks[1:]):
+        assert not torch.equal(a, b)  # a new seed each call, replays of a CUDA graph included
+    for mask in masks:
+        assert 0.05 < mask.float().mean().item() < 0.15
+
+
+def test_cuda_graph_capture_draws_a_new_mask_per_replay():
+    m = BlockFeatureMapDistortion(0.1, 7).cuda()
+    m.ramp.driven = True
+    x = torch.randn(8, 64, 14, 14, device='cuda')
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up: kernels compiled, seed-rate table uploaded
+            m(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = m(x)
+    graph.replay()
+    first, first_fraction = out.clone(), float(m.last_fraction)
+    graph.replay()
+    assert not torch.equal(first, out)  # the replay advanced torch's generator: a new seed, a new mask
+    for fraction in (first_fraction, float(m.last_fraction)):
+        assert 0.05 < fraction < 0.15
+
+
+def test_backward_keeps_no_mask():
+    x = torch.randn(32, 256, 14, 14, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = BlockFeatureMapDistortion(0.1, 7).cuda()(x)
+    assert sum(t.numel() * t.element_size() for t in saved) < 1024  # a seed and 4 floats (+ a 0-dim prob)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    # the backward allocates the upstream-independent gradient only: no mask, no keep tensor
+    assert torch.cuda.max_memory_allocated() - base <= 2 * x.numel() * x.element_size() + (1 << 20)
+    assert fused.applies(x, lam=0.0, steps=1, mask=None, noise=None)

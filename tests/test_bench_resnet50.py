@@ -1,0 +1,36 @@
+"""benchmarks/bench_resnet50.py: every tensor on the model's device, and the --variants option."""
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import timm_fmd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))  # bench_resnet50 imports bench_op beside it
+_spec = importlib.util.spec_from_file_location('bench_resnet50', ROOT / 'benchmarks' / 'bench_resnet50.py')
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_authors_variant_builds_nothing_on_the_cpu():
+    """The authors' formula at the 38 FMD sites, forward and backward on the 'meta' device (a stand-in for a
+    GPU here): a CPU tensor made at forward time (as the fallback weight of the sites feeding the head once
+    was, which crashed on CUDA) raises 'not on the expected device'."""
+    model = bench.build("authors' formula per-channel", 0.1, 7).to('meta').train()
+    assert len(timm_fmd.fmd_ops(model)) == 38
+    out = model(torch.empty(2, 3, 64, 64, device='meta'))
+    F.cross_entropy(out, torch.zeros(2, dtype=torch.long, device='meta')).backward()
+    assert out.shape == (2, 1000) and out.device.type == 'meta'
+
+
+def test_variants_option():
+    assert bench.parse_variants('FMD per-channel approx') == ['plain', 'FMD per-channel approx']
+    assert bench.parse_variants("FMD shared exact, plain,timm DropBlock") == ['plain', 'timm DropBlock',
+                                                                            'FMD shared exact']
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown variant\(s\) \['FMD fused'\]; choose from"):
+        bench.parse_variants('plain,FMD fused')

@@ -1,0 +1,144 @@
+"""A start that fails leaves nothing that blocks a rerun, and each error's advice works when followed
+(every test below does what the message says and checks that the run then goes through)."""
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from timm_fmd import cli
+from timm_fmd.train import fit
+from timm_fmd.train.config import save_config
+from timm_fmd.train.data import DataError
+
+from .conftest import make_image_folder, quick_config
+
+
+def _cli(*argv: str) -> int:
+    return cli.main(['train', *argv])
+
+
+def _quick_args(data, out, *more: str) -> list:
+    """quick_config's settings as command-line options."""
+    return ['--data-dir', str(data), '--model', 'test_efficientnet', '--img-size', '16', '-b', '8', '--epochs', '1',
+            '-j', '0', '--output', str(out), '--experiment', 'run', '--checkpoint-interval', '0', '--warmup-epochs',
+            '0', '--lr', '0.05', *more]
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', {'train': 8, 'val': 2})
+    (data / 'train' / 'ghost').mkdir()
+    assert _cli(*_quick_args(data, tmp_path / 'out')) == 2
+    assert capsys.readouterr().err == (f"timm-fmd train: error: class folder(s) with no images in {data / 'train'}: "
+                                       "['ghost'] (add images to them or remove them)\n")
+    assert not (tmp_path / 'out' / 'run').exists()
+    (data / 'train' / 'ghost').rmdir()  # the advice
+    assert _cli(*_quick_args(data, tmp_path / 'out')) == 0
+
+
+def test_unreadable_image_in_the_first_batch_then_skip_corrupt(tmp_path, capsys):
+    """workers=1: the error comes from a DataLoader worker, its own one-line message first. --skip-corrupt then
+    trains on the other 23 images and says so once; results.json counts only the images used."""
+    data = make_image_folder(tmp_path / 'data', {'train': 8, 'val': 2})
+    bad = data / 'train' / 'circle' / '000.png'
+    bad.write_bytes(b'not a png')
+    assert _cli(*_quick_args(data, tmp_path / 'out', '-j', '1', '--epochs', '2')) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"timm-fmd train: error: cannot decode image '{bad}': UnidentifiedImageError")
+    assert err.endswith('(fix or remove it, or pass --skip-corrupt) [in DataLoader worker process 0]\n')
+    assert err.count('\n') == 1 and not (tmp_path / 'out' / 'run').exists()
+    assert _cli(*_quick_args(data, tmp_path / 'out', '-j', '1', '--epochs', '2', '--skip-corrupt')) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"warning: rank 0 skipped 1 unreadable image(s): ['{bad}']") == 1  # not once per epoch
+    data_info = json.loads((tmp_path / 'out' / 'run' / 'results.json').read_text())['data']
+    assert (data_info['train_size'], data_info['skipped_train_images']) == (23, 1)
+    assert (data_info['val_size'], data_info['skipped_val_images']) == (6, 0)
+
+
+def test_unreachable_hub_for_pretrained_weights_then_a_local_file(tiny_data, tmp_path, monkeypatch, capsys):
+    """The Hub client offline with an empty cache fails as an unreachable Hub does, without the retries' wait."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
+    args = _quick_args(tiny_data, tmp_path / 'out')
+    assert _cli(*args, '--pretrained', 'test_efficientnet.r160_in1k') == 2
+    err = capsys.readouterr().err
+    assert err.startswith('timm-fmd train: error: --pretrained: cannot get the weights of test_efficientnet '
+                          '(test_efficientnet.r160_in1k) from the Hugging Face Hub: ')
+    assert err.endswith('or pass a local weights file: --pretrained PATH\n')
+    assert not (tmp_path / 'out' / 'run').exists()
+    torch.manual_seed(0)
+    weights = tmp_path / 'weights.safetensors'
+    save_file(timm.create_model('test_efficientnet', num_classes=1000).state_dict(), str(weights))
+    assert _cli(*args, '--pretrained', str(weights)) == 0  # the advice: a local file (its classifier is reset)
+    results = json.loads((tmp_path / 'out' / 'run' / 'results.json').read_text())
+    assert results['pretrained'] == str(weights)
+
+
+def test_killed_before_the_first_checkpoint(tiny_data, tmp_path, capsys):
+    """A start killed before its first checkpoint leaves config.yaml and an empty checkpoints/ (what _started
+    writes). --resume explains and gives a command; that command, or the same start again, goes through."""
+    cfg = quick_config(tiny_data, tmp_path)
+    run_dir = tmp_path / 'run'
+    (run_dir / 'checkpoints').mkdir(parents=True)
+    (run_dir / 'config.yaml').write_text(save_config(cfg))
+    assert _cli('--resume', str(run_dir)) == 2
+    assert capsys.readouterr().err == (
+        f'timm-fmd train: error: --resume: {run_dir} stopped before its first checkpoint, so there is nothing to '
+        f'resume; start it afresh with `timm-fmd train -c {run_dir / "config.yaml"}`\n')
+    assert _cli('-c', str(run_dir / 'config.yaml')) == 0  # the advice
+    assert (run_dir / 'results.json').is_file()
+    shutil.rmtree(run_dir / 'checkpoints')  # again killed early; now the same start reuses the directory
+    (run_dir / 'results.json').unlink()
+    (run_dir / 'checkpoints').mkdir()
+    assert fit(cfg)['global_steps'] == 6
+
+
+def test_a_finished_run_then_the_resume_advice(tiny_data, tmp_path, capsys):
+    args = _quick_args(tiny_data, tmp_path)
+    assert _cli(*args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"run directory: {tmp_path / 'run'}"
+    assert _cli(*args) == 2
+    err = capsys.readouterr().err
+    advice = f"`timm-fmd train --resume {tmp_path / 'run'}`"
+    assert advice in err
+    assert _cli('--resume', str(tmp_path / 'run'), '-c', str(tmp_path / 'run' / 'config.yaml')) == 2
+    assert advice in capsys.readouterr().err  # --config with --resume points to the same command
+    assert _cli('--resume', str(tmp_path / 'run'), '--epochs', '2') == 0  # the advice, with one more epoch
+    assert json.loads((tmp_path / 'run' / 'results.json').read_text())['global_steps'] == 12
+
+
+def test_a_directory_of_someone_elses_files_is_not_touched(tiny_data, tmp_path, capsys):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'notes.txt').write_text('mine')
+    assert _cli(*_quick_args(tiny_data, tmp_path)) == 2
+    assert capsys.readouterr().err.endswith('run already holds a run; it holds files timm-fmd did not write, or '
+                                            'pass another --experiment\n')
+    assert _cli(*_quick_args(tiny_data, tmp_path), '--experiment', 'other') == 0  # the advice
+    assert (tmp_path / 'run' / 'notes.txt').read_text() == 'mine'
+
+
+def test_diverged_loss_then_a_lower_learning_rate(tiny_data, tmp_path, capsys):
+    args = _quick_args(tiny_data, tmp_path, '--log-interval', '1')
+    assert _cli(*args, '--lr', '1e12') == 2
+    err = capsys.readouterr().err
+    assert err.startswith('timm-fmd train: error: training loss is ') and 'lower --lr' in err
+    assert not (tmp_path / 'run').exists()
+    assert _cli(*args) == 0  # the advice: --lr 0.05
+
+
+def test_fmd_options_need_an_fmd_model(capsys):
+    assert _cli('--model', 'resnet18.a1_in1k', '--fmd-prob', '0.2') == 2
+    assert 'use --model fmd_resnet18.a1_in1k)' in capsys.readouterr().err
+    assert _cli('--model', 'hf-hub:org/name', '--fmd-prob', '0.2') == 2
+    assert 'use --model fmd_<its architecture> --pretrained hf-hub:org/name)' in capsys.readouterr().err
+
+
+def test_data_errors_are_raised_as_data_errors(tmp_path):
+    data = make_image_folder(tmp_path / 'data', {'train': 8, 'val': 2})
+    (data / 'train' / 'circle' / '000.png').write_bytes(b'')
+    with pytest.raises(DataError):
+        fit(quick_config(data, tmp_path / 'out'))
+    assert not (tmp_path / 'out' / 'run').exists()
