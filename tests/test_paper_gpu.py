@@ -104,7 +104,7 @@ def test_device_settings_follow_the_device_and_the_ops_capability(monkeypatch):
                                                                                            'cpu')
     args = paper_gpu.parse_args(['--out', '/tmp/unused', '--device', 'cpu'])
     args.device = 'cuda'  # as parse_args leaves it on a GPU machine
-    monkeypatch.setattr(capture, '_CAPTURE_SAFE', set())
+    monkeypatch.setattr(capture, '_DECLARED', {})
     cfgs = {m: paper_gpu.train_config(paper_gpu.RunSpec(2, m, 0), args, Path('/d')) for m in ('none', 'fmd-text')}
     assert cfgs['none'].cuda_graph and (cfgs['none'].amp, cfgs['none'].amp_dtype) == (True, 'bfloat16')
     assert cfgs['none'].channels_last and not cfgs['fmd-text'].cuda_graph  # FMD waits for a capture-safe op

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import timm
 import timm_fmd.ops.capture as capture
 from timm_fmd.train import fit
 from timm_fmd.train import graphs, loop
@@ -37,7 +38,7 @@ def recorded(monkeypatch):
             made.append(self)
 
     monkeypatch.setattr(graphs, 'CudaGraph', Backend)
-    monkeypatch.setattr(loop, 'check_graph_config', lambda cfg, device, world_size: None)  # CPU stands in
+    monkeypatch.setattr(loop, 'check_graph_config', lambda cfg, device, world_size, model: None)  # CPU stands in
     return made
 
 
@@ -207,14 +208,15 @@ def test_cuda_graph_is_refused_on_cpu_before_anything_is_written(tiny_data, tmp_
 
 def test_refusals_name_the_option(tiny_data, tmp_path):
     cfg = quick_config(tiny_data, tmp_path, cuda_graph=True)
+    model = timm.create_model('test_efficientnet', num_classes=3)
     with pytest.raises(ValueError, match="--cuda-graph: not with 2 processes"):
-        check_graph_config(cfg, CUDA, 2)
+        check_graph_config(cfg, CUDA, 2, model)
     with pytest.raises(ValueError, match="--opt: got 'lamb', --cuda-graph supports sgd, momentum, nesterov, adam"):
-        check_graph_config(dataclasses.replace(cfg, opt='lamb'), CUDA, 1)
+        check_graph_config(dataclasses.replace(cfg, opt='lamb'), CUDA, 1, model)
     with pytest.raises(ValueError, match="--opt: got 'lookahead_momentum'"):
-        check_graph_config(dataclasses.replace(cfg, opt='lookahead_momentum'), CUDA, 1)
+        check_graph_config(dataclasses.replace(cfg, opt='lookahead_momentum'), CUDA, 1, model)
     for opt, kwargs in (('momentum', {'fused': True}), ('adamw', {'capturable': True})):
-        check_graph_config(dataclasses.replace(cfg, opt=opt), CUDA, 1)
+        check_graph_config(dataclasses.replace(cfg, opt=opt), CUDA, 1, model)
         assert graphs.optimizer_kwargs(dataclasses.replace(cfg, opt=opt)) == kwargs
     assert graphs.optimizer_kwargs(dataclasses.replace(cfg, cuda_graph=False)) == {}
     for option, value, message in (('grad_accum_steps', 2, '--grad-accum-steps: got 2, which --cuda-graph'),
@@ -226,19 +228,32 @@ def test_refusals_name_the_option(tiny_data, tmp_path):
     validate(dataclasses.replace(cfg, amp=True, amp_dtype='bfloat16'))
 
 
-def test_fmd_models_wait_for_a_capture_safe_op(tiny_data, tmp_path, monkeypatch):
-    """The refusal follows the op's own declaration (timm_fmd.ops.capture), not a fixed list."""
+def test_fmd_sites_are_captured_only_where_the_op_declares_them_safe(tiny_data, tmp_path, monkeypatch):
+    """The refusal follows the op's own declaration (timm_fmd.ops.capture), not a fixed list: with Triton the
+    fused path declares CUDA for sites with lam 0 and steps 1."""
     cfg = quick_config(tiny_data, tmp_path, cuda_graph=True, model='fmd_test_efficientnet')
-    monkeypatch.setattr(capture, '_CAPTURE_SAFE', set())
-    assert not capture.capture_safe('cuda')
-    with pytest.raises(ValueError, match=r"the FMD op is not capture-safe on cuda .*capture_safe\('cuda'\) is False"):
-        check_graph_config(cfg, CUDA, 1)
-    check_graph_config(dataclasses.replace(cfg, model='test_efficientnet'), CUDA, 1)  # no FMD sites: fine
-    capture.declare_capture_safe('cuda')
-    assert capture.capture_safe(CUDA) and not capture.capture_safe('cpu')
-    check_graph_config(cfg, CUDA, 1)
+    fmd = timm.create_model('fmd_test_efficientnet', num_classes=3)
+    plain = timm.create_model('test_efficientnet', num_classes=3)
+    monkeypatch.setattr(capture, '_DECLARED', {})  # an installation without a capture-safe path
+    assert not capture.capture_safe('cuda') and capture.capture_safe('cuda', plain)  # no FMD sites: nothing to ask
+    with pytest.raises(ValueError, match=r'--cuda-graph: fmd_test_efficientnet cannot be captured: no capture-safe '
+                                         r'path of the FMD op is available on cuda here .*drop --cuda-graph'):
+        check_graph_config(cfg, CUDA, 1, fmd)
+    check_graph_config(dataclasses.replace(cfg, model='test_efficientnet'), CUDA, 1, plain)
+    capture.declare_capture_safe('cuda', covers=lambda op: op.lam == 0, requires='lam 0')
+    assert capture.capture_safe(CUDA, fmd) and not capture.capture_safe('cpu', fmd)
+    check_graph_config(cfg, CUDA, 1, fmd)
+    with_lam = timm.create_model('fmd_test_efficientnet', num_classes=3, fmd_lam=0.1)
+    assert capture.capture_blocker(CUDA, with_lam).startswith('6 FMD site(s) outside the capture-safe path, which '
+                                                             'needs lam 0: blocks.')
     with pytest.raises(TypeError, match='device type name'):
         capture.declare_capture_safe(None)
+
+
+def test_the_fused_path_declares_cuda_when_triton_imports():
+    from timm_fmd.ops import fused
+    assert capture.capture_safe('cuda') == fused._HAVE_TRITON
+    assert not capture.capture_safe('cpu')
 
 
 # ------------------------------------------------------------------------------------------- on a GPU

@@ -12,15 +12,16 @@ them with one call. What that asks of the step, and how the trainer provides it:
   a tensor learning rate; :class:`CapturableEma` reads a tensor weight); the batch's loss and hit counts land
   in a static device tensor that the loop adds to its device-side sums;
 * FMD sites only where the op declares itself capture-safe on the device
-  (:func:`timm_fmd.ops.capture.capture_safe`): its ramped probability and its randomness must live on the
-  device, or replays would freeze the ramp at its capture-time value;
+  (:func:`timm_fmd.ops.capture.capture_safe`; the fused Triton path on CUDA, for sites with ``lam`` 0 and
+  ``steps`` 1): its ramped probability and its randomness must live on the device, or replays would freeze
+  the ramp at its capture-time value (the ramp itself advances inside ``optimizer.step()``, which is captured);
 * warm-up: the first ``warmup_steps`` steps run eagerly on a side stream (cuDNN autotuning, lazily created
   state such as momentum buffers), the next one is captured, and every later step replays it.
 
 The sampler, mixup, the scheduler's per-step learning rate, logging, checkpoints and evaluation run outside
 the graph, unchanged, so a run with ``--cuda-graph`` follows the eager run's recipe step for step. Refused
 with a clear message: no CUDA device, several processes (DDP), an optimiser other than torch's SGD / Adam /
-AdamW (timm's ``sgd``, ``momentum``, ``nesterov``, ``adam``, ``adamw``), and FMD models whose op is not
+AdamW (timm's ``sgd``, ``momentum``, ``nesterov``, ``adam``, ``adamw``), and FMD sites the op does not declare
 capture-safe on the device.
 """
 from __future__ import annotations
@@ -33,9 +34,8 @@ import torch.nn as nn
 from timm.optim import get_optimizer_info
 from timm.utils import ModelEmaV3
 
-from ..ops.capture import capture_safe
+from ..ops.capture import capture_blocker
 from .config import TrainConfig
-from .model import is_fmd
 
 __all__ = ['check_graph_config', 'optimizer_kwargs', 'CapturableEma', 'CudaGraph', 'GraphedStep', 'capturing']
 
@@ -50,8 +50,9 @@ def capturing() -> bool:
     return _capturing
 
 
-def check_graph_config(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
-    """Raise ``ValueError`` naming the option when ``--cuda-graph`` cannot run as configured on ``device``."""
+def check_graph_config(cfg: TrainConfig, device: torch.device, world_size: int, model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the option when ``--cuda-graph`` cannot train ``model`` as configured on
+    ``device`` (called when the model is built, before the data is loaded or any file is written)."""
     if device.type != 'cuda':
         raise ValueError(f'--cuda-graph: CUDA graphs need a CUDA device, and this run is on {device} (--device '
                          f'{cfg.device}); drop --cuda-graph to train on {device.type}')
@@ -59,11 +60,10 @@ def check_graph_config(cfg: TrainConfig, device: torch.device, world_size: int) 
         raise ValueError(f'--cuda-graph: not with {world_size} processes (DDP\'s gradient all-reduce is not '
                          f'captured here); run one process per GPU without --cuda-graph, or a single process')
     _graph_optimizer(cfg.opt)
-    if is_fmd(cfg.model) and not capture_safe(device):
-        raise ValueError(f'--cuda-graph: the FMD op is not capture-safe on {device.type} in this installation (its '
-                         f'ramped probability or seed would be frozen at capture, timm_fmd.ops.capture.capture_safe'
-                         f'({device.type!r}) is False); drop --cuda-graph for {cfg.model}, or train a model without '
-                         f'FMD sites')
+    blocker = capture_blocker(device, model)
+    if blocker is not None:
+        raise ValueError(f'--cuda-graph: {cfg.model} cannot be captured: {blocker} (timm_fmd.ops.capture; replays '
+                         f'would freeze its ramped probability or seed); drop --cuda-graph to train it eagerly')
 
 
 def _graph_optimizer(opt: str) -> type:

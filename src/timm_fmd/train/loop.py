@@ -103,8 +103,6 @@ def fit(cfg: TrainConfig) -> Dict[str, Any]:
     env = D.setup(cfg.device)
     run = None
     try:
-        if cfg.cuda_graph:
-            check_graph_config(cfg, env.device, env.world_size)
         run = _build(cfg, env, _run_dir(cfg, env))  # data, model, weights: all checked before any file is written
         pos = _resume(run) if cfg.resume else Position()
         if not cfg.resume:
@@ -223,6 +221,8 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
     splits = build_splits(cfg)
     n_steps = steps_per_epoch(cfg, len(splits.train_indices), env.world_size)
     model = create_model(cfg, len(splits.label_names), n_steps)
+    if cfg.cuda_graph:
+        check_graph_config(cfg, env.device, env.world_size, model)
     if not is_fmd(cfg.model) and env.is_main:
         print(f'note: {cfg.model} is not an fmd_<arch> model: training without Feature Map Distortion', flush=True)
     cuda = env.device.type == 'cuda'
