@@ -8,7 +8,7 @@ per site, linked to the layer that consumes the site's output:
 * elsewhere, the op becomes a child named ``fmd`` of the site module and a forward hook applies it
   to that module's output (out of place: timm's in-place adds and activations act on a new tensor).
 
-Neither adds a parameter or a persistent buffer (each op's ``prob_now`` buffer is non-persistent),
+Neither adds a parameter or a persistent buffer (each op's ramp buffers are non-persistent),
 so ``state_dict`` keys and shapes stay those of the base architecture, and eval-mode outputs are
 the base model's bit for bit (the op returns its input).
 Converting BatchNorm layers to SyncBatchNorm (timm's or torch's ``convert_sync_batchnorm``) keeps
@@ -26,6 +26,7 @@ import torch.nn as nn
 from timm.models import register_notrace_module
 
 from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
+from .ops.schedule import count_steps
 from .sites import Site, feature_stages, find_sites, probe_input_size
 from .ops.validation import check_choice, check_non_negative, check_positive_int, check_prob
 
@@ -195,6 +196,7 @@ def apply_fmd(model: nn.Module, settings: Optional[FMDSettings] = None, **kwargs
             host.register_forward_hook(_SiteHook())
     model.register_forward_pre_hook(_SiteGuard())
     model.fmd_settings = settings  # a plain attribute: not in state_dict
+    count_steps(model)  # the ramp counts the steps of the optimisers that hold the model's parameters
     return model
 
 
@@ -237,6 +239,7 @@ def remove_fmd(model: nn.Module) -> nn.Module:
     for key in [k for k, h in model._forward_pre_hooks.items() if isinstance(h, _SiteGuard)]:
         del model._forward_pre_hooks[key]
     del model.fmd_settings
+    count_steps(model)  # no ops left: no longer counted
     return model
 
 
@@ -268,7 +271,7 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
     widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
     line = lambda r: '  '.join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     title = (f'{type(model).__name__}: {len(ops)} FMD sites at input {size}, ramp '
-             f'{ops[0][1].ramp.count}/{ops[0][1].ramp.steps} steps, gamma={settings.gamma if settings else "?"}')
+             f'{int(ops[0][1].ramp_count)}/{ops[0][1].ramp.steps} steps, gamma={settings.gamma if settings else "?"}')
     legend = ('expected: the fraction of the map the op distorts at the current probability; last: the fraction '
               'it distorted in its last training forward (- before the first)')
     return '\n'.join([title, line(header), line(tuple('-' * w for w in widths))] + [line(r) for r in rows] + [legend])
