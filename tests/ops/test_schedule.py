@@ -236,3 +236,23 @@ def test_checkpointing_recomputes_the_same_mask():
     op.generator = torch.Generator().manual_seed(0)  # not restored by checkpoint: an error, not another mask
     with pytest.raises(RuntimeError, match=r'generator is set, and this forward runs inside a backward pass'):
         checkpoint(op, x.clone().requires_grad_(True), use_reentrant=False).sum().backward()
+
+
+def test_a_compiled_training_step_has_no_graph_break():
+    net = _net()
+    compiled = torch.compile(net, backend='aot_eager', fullgraph=True)  # the counter's pre-hook included
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    for _ in range(2):
+        compiled(_x()).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert schedule_step(net) == 2
+
+
+def test_the_forward_reads_the_probability_as_a_tensor_off_the_cpu():
+    op = FeatureMapDistortion(TARGET, ramp_steps=RAMP)
+    set_schedule_step(op, 5)
+    assert op._forward_prob() == TARGET * 5 / RAMP  # a float on the CPU: the host seed-rate cache, the p == 0 shortcut
+    op.to('meta')  # any other device (a GPU): the buffer itself, so the forward never synchronises
+    assert op._forward_prob() is op.prob_now and op.prob_now.device.type == 'meta'
+    assert FeatureMapDistortion(TARGET).to('meta')._forward_prob() == TARGET  # no ramp: the target, on any device

@@ -304,7 +304,9 @@ class FeatureMapDistortion(nn.Module):
         gamma, lam, steps, mode, layout: see :func:`feature_map_distortion`.
         next_layer: the layer consuming this module's output. Held as a plain reference, not a
             submodule, so the model's ``state_dict`` keys do not change. Set later with :meth:`link`.
-        ramp_steps: length of the linear ramp from 0 to ``prob``, in optimiser steps (0: no ramp).
+        ramp_steps: length of the linear ramp from 0 to ``prob``, in optimiser steps (0: no ramp). The steps
+            of the optimisers holding the model's parameters advance it, never the forwards: inside a model
+            built by :func:`timm_fmd.apply_fmd`, or one passed to :func:`timm_fmd.set_schedule_step`.
     """
 
     block_size: Optional[int] = None
@@ -362,7 +364,7 @@ class FeatureMapDistortion(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> 'FeatureMapDistortion':
         prob_now = self.prob_now
         super()._apply(fn, recurse)
-        if self.prob_now.dtype != torch.float32:  # model.half() / .to(torch.bfloat16): the probability stays exact
+        if self.prob_now.dtype != torch.float32:  # model.half(), .to(torch.bfloat16): keep the probability float32
             self.prob_now = prob_now.to(self.prob_now.device)
         return self
 
@@ -401,7 +403,7 @@ class FeatureMapDistortion(nn.Module):
             return self.ramp.target
         if torch.compiler.is_compiling() or self.prob_now.device.type != 'cpu':
             return self.prob_now  # read on the device: no host sync, no recompilation as the ramp rises
-        return float(self.prob_now)  # free on the CPU; keeps the host seed-rate cache and the prob == 0 shortcut
+        return self.current_prob  # free on the CPU; keeps the host seed-rate cache and the prob == 0 shortcut
 
     def _check_eager_forward(self) -> None:
         if self.ramp.steps and self.ramp.driver is None:
