@@ -10,6 +10,8 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
+from timm.optim import Lookahead
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.checkpoint import checkpoint
 
 from timm_fmd.ops.distortion import FeatureMapDistortion
@@ -113,23 +115,20 @@ def test_an_optimiser_counts_once_its_param_groups_hold_the_model():
     assert schedule_step(net) == 1
 
 
-class _Wrapper(torch.optim.Optimizer):
-    """An optimiser whose step runs another optimiser's step, as ZeroRedundancyOptimizer does."""
-
-    def __init__(self, params, inner: torch.optim.Optimizer):
-        super().__init__(params, {})
-        self.inner = inner
-
-    def step(self, closure=None):
-        self.inner.step()
-
-
 def test_a_step_nested_in_another_optimisers_step_counts_once():
+    """timm's Lookahead (``--opt lookahead_sgd``) runs its base optimiser's step inside its own, and both fire
+    the step hooks (its own once torch has patched it, from its first zero_grad), as ZeroRedundancyOptimizer's
+    outer and local steps do."""
     net = _net()
-    opt = _Wrapper(net.parameters(), torch.optim.SGD(net.parameters(), lr=0.01))
-    for _ in range(3):
-        _iteration(net, opt)
-    assert schedule_step(net) == 3
+    opt = Lookahead(torch.optim.SGD(net.parameters(), lr=0.01))
+    fired = []
+    handle = register_optimizer_step_post_hook(lambda *args: fired.append(1))
+    try:
+        for _ in range(3):
+            _iteration(net, opt)
+    finally:
+        handle.remove()
+    assert len(fired) > 3 and schedule_step(net) == 3  # the hooks fired more than once an iteration
 
 
 def test_a_step_gradscaler_skips_is_not_counted():
