@@ -218,6 +218,10 @@ def test_a_deep_copy_counts_its_own_optimiser_steps():
     assert (schedule_step(net), schedule_step(twin)) == (1, 3)
     _iteration(net, opt)
     assert (schedule_step(net), schedule_step(twin)) == (2, 3)
+    copied = copy.deepcopy(net)  # set_schedule_step starts a copy's count without a forward
+    set_schedule_step(copied, 0)
+    torch.optim.SGD(copied.parameters(), lr=0.01).step()
+    assert (schedule_step(net), schedule_step(copied)) == (2, 1)
 
 
 def test_checkpointing_recomputes_the_same_mask():

@@ -131,8 +131,8 @@ def set_schedule_step(model: nn.Module, step: int) -> None:
         torch._foreach_zero_(counts)
         torch._foreach_add_(counts, step)
     refresh_probs(ops)
-    if model in _COUNTED or any(op.ramp.driver is None for op in ops):
-        count_steps(model)
+    if _counter_key(model) is not None or any(op.ramp.driver is None for op in ops):
+        count_steps(model)  # a counted model, its copy, or a model assembled by hand
 
 
 def schedule_step(model: nn.Module) -> Optional[int]:
@@ -197,7 +197,7 @@ def count_steps(model: nn.Module) -> None:
     """
     ops = _ramp_ops(model)
     hooks = model._forward_pre_hooks
-    key = next((k for k, h in hooks.items() if isinstance(h, _StepCounter)), None)
+    key = _counter_key(model)
     if not ops:
         if key is not None:
             del hooks[key]
@@ -213,6 +213,10 @@ def count_steps(model: nn.Module) -> None:
     _COUNTED[model] = counter
 
 
+def _counter_key(model: nn.Module) -> Optional[int]:
+    return next((k for k, h in model._forward_pre_hooks.items() if isinstance(h, _StepCounter)), None)
+
+
 def _holdings(optimizer: torch.optim.Optimizer) -> _Holdings:
     key = tuple((id(group['params']), len(group['params'])) for group in optimizer.param_groups)
     holdings = _HOLDINGS.get(optimizer)
@@ -225,7 +229,8 @@ def _starts_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     """Whether this step of ``optimizer`` begins a new training step of ``model``.
 
     Several optimisers may each step a part of one model in the same iteration (Muon for the matrices and
-    AdamW for the rest; ZeroRedundancyOptimizer's step around its local optimiser's): a model's step ends
+    AdamW for the rest), or one inside another (timm's Lookahead around its base optimiser,
+    ZeroRedundancyOptimizer around its local one): a model's step ends
     when an optimiser that already stepped it steps again, so each iteration counts once. The first step
     of a new optimiser while the previous one is still alive joins the previous step (one step behind
     per switch).
