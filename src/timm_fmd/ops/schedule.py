@@ -203,9 +203,11 @@ def count_steps(model: nn.Module) -> None:
             del hooks[key]
         _COUNTED.pop(model, None)
         return
-    counter = hooks[key] if key is not None else _StepCounter()
     if key is None:
+        counter = _StepCounter()
         model.register_forward_pre_hook(counter)
+    else:
+        counter = hooks[key]
     for op in ops:
         if op.ramp.driver is None:
             op.ramp.driver = 'optimizer'
@@ -230,10 +232,9 @@ def _starts_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
 
     Several optimisers may each step a part of one model in the same iteration (Muon for the matrices and
     AdamW for the rest), or one inside another (timm's Lookahead around its base optimiser,
-    ZeroRedundancyOptimizer around its local one): a model's step ends
-    when an optimiser that already stepped it steps again, so each iteration counts once. The first step
-    of a new optimiser while the previous one is still alive joins the previous step (one step behind
-    per switch).
+    ZeroRedundancyOptimizer around its local one): a model's step ends when an optimiser that already
+    stepped it steps again, so each iteration counts once. The first step of a new optimiser while the
+    previous one is still alive joins the previous step (one step behind per switch).
     """
     stepped = _STEPPED.get(model)
     if stepped is None:
