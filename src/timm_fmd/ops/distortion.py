@@ -399,10 +399,12 @@ class FeatureMapDistortion(nn.Module):
 
     def _forward_prob(self) -> Union[float, torch.Tensor]:
         """This training forward's probability. Forwards never change the ramp (the optimiser steps do)."""
+        if torch.compiler.is_compiling():
+            return self.prob_now  # a graph input: no guard on the ramp, no recompilation as it rises
         if not self.ramp.steps:
             return self.ramp.target
-        if torch.compiler.is_compiling() or self.prob_now.device.type != 'cpu':
-            return self.prob_now  # read on the device: no host sync, no recompilation as the ramp rises
+        if self.prob_now.device.type != 'cpu':
+            return self.prob_now  # read on the device: no host sync
         return self.current_prob  # free on the CPU; keeps the host seed-rate cache and the prob == 0 shortcut
 
     def _check_eager_forward(self) -> None:
