@@ -43,9 +43,7 @@ def test_compiled_model_counts_optimiser_steps_without_recompiling():
         return torch._dynamo.lookup_backend('aot_eager')(gm, example_inputs)
 
     torch.manual_seed(0)
-    # element-wise FMD: the block masks' seed-rate solve makes the compile itself slow on a CPU (not the ramp's)
-    model = timm.create_model('fmd_resnet18', fmd_prob=0.1, fmd_block_size=0, fmd_ramp_steps=10,
-                              fmd_input_size=(3, 64, 64)).train()
+    model = timm.create_model('fmd_resnet18', fmd_prob=0.1, fmd_ramp_steps=10, fmd_input_size=(3, 64, 64)).train()
     compiled = torch.compile(model, backend=counting_aot_eager)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(2, 3, 64, 64)
@@ -136,8 +134,7 @@ def test_timm_train_script_driver():
     of a single batch), 8 in two epochs: the ramp's count."""
     parser = argparse.ArgumentParser()
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    args = parser.parse_args(['--model-kwargs', 'fmd_prob=0.1', 'fmd_ramp_steps=10', 'fmd_block_size=0',
-                              'fmd_input_size=(3,32,32)'])
+    args = parser.parse_args(['--model-kwargs', 'fmd_prob=0.1', 'fmd_ramp_steps=10', 'fmd_input_size=(3,32,32)'])
     importlib.import_module('timm_fmd')  # --device-modules
     torch.manual_seed(0)
     model = timm.create_model('fmd_test_resnet', pretrained=False, num_classes=3, drop_rate=0.0,
@@ -203,8 +200,7 @@ def test_cuda_eager_steps_count_without_a_host_sync():
 def test_cuda_graph_replays_advance_the_ramp():
     """A captured training step (forward, backward, optimizer.step) advances the ramp at every replay."""
     torch.manual_seed(0)
-    model = timm.create_model('fmd_test_resnet', num_classes=3, fmd_prob=0.2, fmd_block_size=0, fmd_ramp_steps=4,
-                              **SMALL).cuda().train()
+    model = timm.create_model('fmd_test_resnet', num_classes=3, fmd_prob=0.2, fmd_ramp_steps=4, **SMALL).cuda().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(4, 3, 32, 32, device='cuda')
     y = torch.arange(4, device='cuda') % 3
