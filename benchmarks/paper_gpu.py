@@ -330,7 +330,6 @@ def train_run(table: int, method: str, seed: int, data: Data, settings: RunSetti
     model = timm.create_model(spec.model, num_classes=10, **kwargs).to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    driven = timm_fmd.schedule_step(model) is not None
     # The release's plain torch SGD decays every parameter, norms and biases included.
     optimizer = create_optimizer_v2(model, opt='momentum', lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay, filter_bias_and_bn=False)
@@ -364,8 +363,6 @@ def train_run(table: int, method: str, seed: int, data: Data, settings: RunSetti
             optimizer.step()
             update += 1
             scheduler.step_update(num_updates=update)
-            if driven:
-                timm_fmd.step_schedule(model)
             loss_sum += loss.detach() * len(idx)  # device-side sums: no sync inside the epoch
             correct += (output.detach().argmax(1) == y).sum()
         train_loss, train_top1 = loss_sum.item() / n_train, 100.0 * correct.item() / n_train

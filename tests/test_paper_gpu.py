@@ -141,7 +141,7 @@ def test_both_tables_end_to_end_on_synthetic_data(tmp_path, capsys):
     for run, prob in zip(payload['runs'], (0.5, 0.05)):
         assert run['epochs'] == 1 and len(run['history']) == 1 and run['seed'] == 0
         assert run['model_kwargs']['fmd_ramp_steps'] == 2  # 64 images / batch 32, ramp over the whole run
-        assert run['fmd_prob_final'] == pytest.approx(prob)  # driven once per optimiser step: at the target
+        assert run['fmd_prob_final'] == pytest.approx(prob)  # one ramp step per optimiser step: at the target
         assert run['amp'] is False and run['channels_last'] is True
         h = run['history'][0]
         assert math.isfinite(h['train_loss']) and 0 <= h['train_top1'] <= 100 and 0 <= h['test_top1'] <= 100
