@@ -106,8 +106,6 @@ def main() -> None:
     if args.channels_last:
         models = {v: m.to(memory_format=torch.channels_last) for v, m in models.items()}
     optims = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
-    for m in models.values():
-        timm_fmd.step_schedule(m, 0)  # drive the schedule: no ramp, the full probability from step 0
     steppers = {v: torch.compile(m) for v, m in models.items()} if args.compile else models
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     if args.channels_last:

@@ -1,7 +1,4 @@
 """fmd_<arch> twins in timm's registry, timm_fmd.create_model, compile and export of FMD models."""
-import argparse
-import importlib
-
 import pytest
 import timm
 import torch
@@ -57,24 +54,6 @@ def test_checkpoints_move_between_fmd_and_plain_models_strictly():
     assert torch.equal(fmd.eval()(x), plain.eval()(x))
 
 
-def test_timm_train_script_style_use():
-    """timm's train.py: --device-modules timm_fmd --model fmd_resnet18 --model-kwargs fmd_prob=0.07 ..."""
-    from timm.utils import ParseKwargs
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    args = parser.parse_args(['--model-kwargs', 'fmd_prob=0.07', 'fmd_stages=(-2,-1)', 'fmd_ramp_steps=4',
-                              'fmd_input_size=(3,64,64)'])
-    importlib.import_module('timm_fmd')  # what --device-modules does
-    model = timm.create_model('fmd_resnet18', **args.model_kwargs)
-    # nobody drives the ramp in train.py: each training forward advances it
-    x = torch.randn(2, 3, 64, 64)
-    probs = []
-    for _ in range(5):
-        model.train()(x)
-        probs.append(timm_fmd.current_prob(model))
-    assert probs == pytest.approx([0.0175, 0.035, 0.0525, 0.07, 0.07])
-
-
 def test_create_model_suggests_and_applies():
     with pytest.raises(ValueError, match=r"unknown model 'resnet5O'; did you mean resnet50"):
         timm_fmd.create_model('resnet5O')
@@ -86,7 +65,6 @@ def test_create_model_suggests_and_applies():
 def test_compiled_fmd_model_trains_a_step():
     torch.manual_seed(0)
     model = timm.create_model('fmd_cifar_resnet20', fmd_prob=0.1, fmd_block_size=3, fmd_mode='exact')
-    timm_fmd.step_schedule(model, 0)  # drive the schedule outside the compiled forward
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     compiled = torch.compile(model, backend='aot_eager')
     before = model.fc.weight.detach().clone()

@@ -6,7 +6,7 @@ empty slot timm left at the site (``BatchNormAct2d.drop``, ResNet's ``drop_block
 child named ``fmd`` of the site module that a forward hook applies out of place (timm's in-place
 adds and activations act on a new tensor).
 
-Neither adds a parameter or a persistent buffer (each op's ``prob_now`` buffer is non-persistent),
+Neither adds a parameter or a persistent buffer (each op's ramp buffers are non-persistent),
 so ``state_dict`` keys and shapes stay those of the base architecture, and eval-mode outputs are
 the base model's bit for bit (the op returns its input). When the model changes afterwards
 (frozen or converted norms, a new classifier, pruned blocks), FMD follows the change at the next
@@ -25,6 +25,7 @@ from timm.models import register_notrace_module
 
 from .attach import OPS, SiteGuard, attach, detach, fmd_roots, sync
 from .ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
+from .ops.schedule import count_steps
 from .sites import Site, find_sites
 from .stages import feature_stages, probe_input_size
 from .ops.validation import check_choice, check_non_negative, check_positive_int, check_prob
@@ -182,6 +183,7 @@ def apply_fmd(model: nn.Module, settings: Optional[FMDSettings] = None, **kwargs
         attach(model, op)
     model.register_forward_pre_hook(SiteGuard())
     model.fmd_settings = settings  # a plain attribute: not in state_dict
+    count_steps(model)  # the ramp counts the steps of the optimisers that hold the model's parameters
     return model
 
 
@@ -221,6 +223,7 @@ def remove_fmd(model: nn.Module) -> nn.Module:
     for key in [k for k, h in model._forward_pre_hooks.items() if isinstance(h, SiteGuard)]:
         del model._forward_pre_hooks[key]
     del model.fmd_settings, model.__dict__[OPS]
+    count_steps(model)  # no ops left: no longer counted
     return model
 
 
@@ -274,7 +277,7 @@ def describe(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> st
     widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
     line = lambda r: '  '.join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     title = (f'{type(model).__name__}: {len(ops)} FMD sites at input {size}, ramp '
-             f'{ops[0][1].ramp.count}/{ops[0][1].ramp.steps} steps, gamma={settings.gamma if settings else "?"}')
+             f'{int(ops[0][1].ramp_count)}/{ops[0][1].ramp.steps} steps, gamma={settings.gamma if settings else "?"}')
     legend = ('expected: the fraction of the map the op distorts at the current probability; last: the fraction '
               'it distorted in its last training forward (- before the first)')
     return '\n'.join([title, line(header), line(tuple('-' * w for w in widths))] + [line(r) for r in rows] + [legend])

@@ -56,7 +56,7 @@ def test_fit_writes_the_run_directory(fmd_run):
     assert results['train_val_gap'] == pytest.approx(results['final']['train_top1'] - results['final']['val_top1'])
     rows = MetricsLog.read(run_dir / 'metrics.csv').rows
     assert [r['epoch'] for r in rows] == [1, 2] and [r['step'] for r in rows] == [6, 12]
-    assert [r['fmd_prob'] for r in rows] == pytest.approx([0.2 * 6 / 9, 0.2])  # the ramp, driven per step
+    assert [r['fmd_prob'] for r in rows] == pytest.approx([0.2 * 6 / 9, 0.2])  # the ramp: one step per optimiser step
     assert all(r[k] is not None for r in rows for k in METRIC_COLUMNS if k != 'erc')
     assert all(r['erc'] is None for r in rows) and results['erc'] is None  # --erc-every is off by default
     with Image.open(run_dir / 'curves.png') as img:

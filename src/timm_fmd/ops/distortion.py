@@ -54,7 +54,8 @@ seed) and computes ``std(f)`` over every element.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+import warnings
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -65,7 +66,7 @@ from .masks import block_mask, block_seed_rate, element_mask, expected_block_fra
 from .next_layer import NO_NEXT_LAYER_WEIGHT, ONE_BY_ONE_FACTOR, NextLayer
 from .noise import DrawnNoise, GivenNoise
 from .positions import flat, positions
-from .schedule import LinearRamp
+from .schedule import LinearRamp, refresh_probs
 from .validation import check_choice, check_non_negative, check_positive_int, check_prob
 
 __all__ = ['feature_map_distortion', 'FeatureMapDistortion', 'BlockFeatureMapDistortion', 'approx_channel_weights']
@@ -299,11 +300,13 @@ class FeatureMapDistortion(nn.Module):
     """Element-wise feature map distortion (Eq. 6), with the probability ramp of the paper.
 
     Args:
-        prob: target distortion probability, reached after ``ramp_steps`` (see :mod:`timm_fmd.schedule`).
+        prob: target distortion probability, reached after ``ramp_steps`` (see :mod:`timm_fmd.ops.schedule`).
         gamma, lam, steps, mode, layout: see :func:`feature_map_distortion`.
         next_layer: the layer consuming this module's output. Held as a plain reference, not a
             submodule, so the model's ``state_dict`` keys do not change. Set later with :meth:`link`.
-        ramp_steps: length of the linear ramp from 0 to ``prob``, in optimiser steps (0: no ramp).
+        ramp_steps: length of the linear ramp from 0 to ``prob``, in optimiser steps (0: no ramp). The steps
+            of the optimisers holding the model's parameters advance it, never the forwards: inside a model
+            built by :func:`timm_fmd.apply_fmd`, or one passed to :func:`timm_fmd.set_schedule_step`.
     """
 
     block_size: Optional[int] = None
@@ -323,9 +326,10 @@ class FeatureMapDistortion(nn.Module):
     ):
         super().__init__()
         self.ramp = LinearRamp(check_prob(prob), ramp_steps)
-        # The current probability as a device tensor, for compiled forwards (a Python float would be
-        # baked into the graph and recompile it at every ramp step). Non-persistent: no state_dict key.
-        self.register_buffer('prob_now', torch.tensor(self.ramp.value), persistent=False)
+        # The ramp's state on the model's device (see timm_fmd.ops.schedule): the optimiser steps counted and the
+        # probability of the next training forward. Non-persistent buffers: no state_dict key; .to() moves them.
+        self.register_buffer('ramp_count', torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer('prob_now', torch.tensor(self.ramp.value(0), dtype=torch.float32), persistent=False)
         self.gamma = check_non_negative(gamma, 'gamma')
         self.lam = check_non_negative(lam, 'lam')
         self.steps = check_positive_int(steps, 'steps')
@@ -346,13 +350,23 @@ class FeatureMapDistortion(nn.Module):
         self.sync_ramp()
 
     def sync_ramp(self) -> None:
-        """Mirror the ramp's current value into ``prob_now`` (called by the schedule functions)."""
-        self.prob_now.fill_(self.ramp.value)
+        """Recompute ``prob_now`` from the step count and the target (device ops, no synchronisation)."""
+        if self.ramp.steps:
+            refresh_probs([self])
+        else:
+            self.prob_now.fill_(self.ramp.target)
 
     @property
     def current_prob(self) -> float:
-        """The probability used by the next training forward."""
-        return self.ramp.value
+        """The probability of the next training forward (reads the step count: may synchronise a device)."""
+        return self.ramp.value(int(self.ramp_count)) if self.ramp.steps else self.ramp.target
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> 'FeatureMapDistortion':
+        prob_now = self.prob_now
+        super()._apply(fn, recurse)
+        if self.prob_now.dtype != torch.float32:  # model.half(), .to(torch.bfloat16): keep the probability float32
+            self.prob_now = prob_now.to(self.prob_now.device)
+        return self
 
     def link(self, next_layer: NextLayerLike) -> None:
         """Set the layer whose weight guides the distortion (``None``: the authors' fixed fallback)."""
@@ -370,15 +384,11 @@ class FeatureMapDistortion(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        if torch.compiler.is_compiling():
-            prob = self.prob_now  # read as a tensor: no guard on the ramp, no recompilation as it rises
-        else:
-            prob = self.ramp.value
-            if not self.ramp.driven:  # nobody drives the schedule (e.g. timm's train.py): one step per forward
-                self.ramp.advance()
-                self.sync_ramp()
-            if prob == 0.0:
-                return x
+        if not torch.compiler.is_compiling():
+            self._check_eager_forward()
+        prob = self._forward_prob()
+        if not isinstance(prob, torch.Tensor) and prob == 0.0:
+            return x
         out, fraction = _distort(
             x, prob, gamma=self.gamma, lam=self.lam, steps=self.steps, mode=self.mode, next_layer=self._next,
             block_size=self.block_size, shared_mask=self.shared_mask, layout=self.layout, generator=self.generator,
@@ -386,6 +396,29 @@ class FeatureMapDistortion(nn.Module):
         if not torch.compiler.is_compiling():
             self.last_fraction = fraction
         return out
+
+    def _forward_prob(self) -> Union[float, torch.Tensor]:
+        """This training forward's probability. Forwards never change the ramp (the optimiser steps do)."""
+        if torch.compiler.is_compiling():
+            return self.prob_now  # a graph input: no guard on the ramp, no recompilation as it rises
+        if not self.ramp.steps:
+            return self.ramp.target
+        if self.prob_now.device.type != 'cpu':
+            return self.prob_now  # read on the device: no host sync
+        return self.current_prob  # free on the CPU; keeps the host seed-rate cache and the prob == 0 shortcut
+
+    def _check_eager_forward(self) -> None:
+        if self.ramp.steps and self.ramp.driver is None:
+            warnings.warn(f'{type(self).__name__}(ramp_steps={self.ramp.steps}) is in no model whose optimiser '
+                          f'steps are counted, so its ramp does not advance: call timm_fmd.set_schedule_step(model, '
+                          f'0) on the model that holds it, or drive it with timm_fmd.step_schedule(model)')
+        # Activation checkpointing restores torch's RNG states before it recomputes a forward (inside the
+        # backward pass), not an explicit generator's: the recompute would draw another mask.
+        if self.generator is not None and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(f'{type(self).__name__}.generator is set, and this forward runs inside a backward '
+                               f'pass (recomputed by activation checkpointing): it would draw another mask than '
+                               f'the original forward. Leave generator=None (torch.manual_seed seeds the op) with '
+                               f'checkpointing')
 
     def realised_fraction(self) -> Optional[float]:
         """The distorted fraction of the last training forward (reading it may synchronise a device)."""
@@ -402,7 +435,7 @@ class FeatureMapDistortion(nn.Module):
     def extra_repr(self) -> str:
         parts = [f'prob={self.prob:g}']
         if self.ramp.steps:
-            parts.append(f'current={self.current_prob:.4g} (ramp {self.ramp.count}/{self.ramp.steps})')
+            parts.append(f'current={self.current_prob:.4g} (ramp {int(self.ramp_count)}/{self.ramp.steps})')
         realised = self.realised_fraction()
         if realised is not None:
             parts.append(f'realised={realised:.4f}')

@@ -5,8 +5,8 @@ model and weights are checked before any file is written), resumes if asked, cre
 (:func:`_start`; a start that fails before its first checkpoint removes it again), then runs epochs
 of :func:`train_one_epoch` and :func:`evaluate`, checkpointing as it
 goes. The FMD probability ramp (Tang et al., Experiments: p rises linearly from 0, following
-DropBlock) is driven by ``timm_fmd.step_schedule`` after every optimiser step and restored with
-``timm_fmd.set_schedule_step`` on resume.
+DropBlock) counts the optimiser's steps by itself (see ``timm_fmd.ops.schedule``); a resumed run puts
+it back at its global step with ``timm_fmd.set_schedule_step``.
 
 Exact resume: a checkpoint holds the weights, optimiser, scheduler, scaler and EMA, each rank's
 global RNG states and running epoch sums, and the position (epoch, micro-batches consumed, global
@@ -107,7 +107,7 @@ def fit(cfg: TrainConfig) -> Dict[str, Any]:
         pos = _resume(run) if cfg.resume else Position()
         if not cfg.resume:
             _seed(cfg.seed + env.rank)  # identical init above, then one FMD-mask stream per rank
-        timm_fmd.set_schedule_step(run.model, pos.global_step)  # the trainer drives the ramp from now on
+        timm_fmd.set_schedule_step(run.model, pos.global_step)  # the optimiser's steps advance it from here
         metrics = MetricsLog.read(run.run_dir / 'metrics.csv', max_epoch=pos.epoch, write=env.is_main)
         tb = None
         if env.is_main:
@@ -316,7 +316,6 @@ def train_one_epoch(run: Run, pos: Position, epoch: int) -> Dict[str, Any]:
         if not stepping:
             continue
         pos.global_step, pos.batch = pos.global_step + 1, b + 1
-        timm_fmd.step_schedule(run.model)
         if run.scheduler is not None:
             run.scheduler.step_update(num_updates=pos.global_step)
         step = pos.batch // accum

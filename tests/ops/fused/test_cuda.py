@@ -54,7 +54,6 @@ def test_compiles_with_inductor_and_replays_new_masks(mode):
     torch.manual_seed(3)
     layer = nn.Conv2d(64, 32, 3, padding=1).cuda()
     m = BlockFeatureMapDistortion(0.1, 7, next_layer=layer, mode='exact').cuda()
-    m.ramp.driven = True
     compiled = torch.compile(m, mode=None if mode == 'default' else mode, fullgraph=True)
     x = torch.randn(8, 64, 14, 14, device='cuda', requires_grad=True)
     masks = []
@@ -71,7 +70,6 @@ def test_compiles_with_inductor_and_replays_new_masks(mode):
 
 def test_cuda_graph_capture_draws_a_new_mask_per_replay():
     m = BlockFeatureMapDistortion(0.1, 7).cuda()
-    m.ramp.driven = True
     x = torch.randn(8, 64, 14, 14, device='cuda')
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
