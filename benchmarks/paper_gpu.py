@@ -1,413 +1,366 @@
-"""FMD's CIFAR-10 Table 1 and Table 2 settings on one GPU, with the data and augmentation on the device.
+"""The CIFAR-10 columns of FMD's Tables 1 and 2, trained by ``timm-fmd train`` (``timm_fmd.train.fit``).
 
-    python benchmarks/paper_gpu.py --table both --epochs 30 --seeds 0 --out paper_gpu.json   # a short pass
-    python benchmarks/paper_gpu.py --table 2 --methods none fmd --compile       # the paper's 200 epochs
-    python benchmarks/paper_gpu.py --table both --subset 256 --epochs 1 --device cpu   # a quick check
-    python benchmarks/paper_gpu.py --pack output/cifar10   # 53 MiB of JPEGs for a lent GPU machine
+    python benchmarks/paper_gpu.py --table 2 --out runs/paper                   # Table 2 in full, one seed
+    python benchmarks/paper_gpu.py --table both --seeds 0 1 2 --out runs/paper  # both tables, three seeds
+    python benchmarks/paper_gpu.py --table both --subset 64 --epochs 1 --device cpu --out /tmp/quick  # a check
+    python benchmarks/paper_gpu.py --pack output/cifar10     # 53 MiB of JPEGs for a lent GPU machine
 
-Tang et al. (AAAI 2020), "Beyond Dropout: Feature Map Distortion to Regularize Deep Neural Networks":
+Tang et al. (AAAI 2020), "Beyond Dropout: Feature Map Distortion to Regularize Deep Neural Networks". Each
+row is a recipe in ``configs/`` (the paper's epochs, batch, optimiser and schedule are written there, with the
+text they come from), plus the row's regulariser:
 
-* Table 1, the conventional CNN (``paper_cnn``) without augmentation: no regulariser, dropout 0.5 on
-  the two FC layers, element-wise FMD on the same layers (p 0.5, gamma 5). 500 epochs, batch 128,
-  SGD lr 0.01, momentum 0.9, decayed x0.1 at epochs 200/300/400. The paper states no weight decay;
-  none here (as ``configs/cifar10_paper_cnn_fmd.yaml``), so the regulariser is the only one.
-* Table 2, the pre-activation ResNet-56 of the authors' release (``cifar_preresnet56``) with random
-  crop (4 px zero padding), horizontal flip and rotation within 15 degrees: no regulariser, DropBlock
-  0.05 (block 6) in the last stage, block FMD after the convs of the last stage (block 6, p 0.05,
-  gamma 30). 200 epochs, batch 128, SGD lr 0.1, momentum 0.9, weight decay 5e-4 on every parameter,
-  decayed x0.2 at epochs 60/120/160, after a 1-epoch linear warm-up per step (the release's train.py).
+* Table 1, the conventional CNN without augmentation, 500 epochs, batch 128, SGD lr 0.01 decayed x0.1 at
+  200/300/400, no weight decay: ``none``, ``dropout`` (0.5 on both FC layers), ``fmd`` (element-wise, both FC
+  layers, p 0.5, gamma 5).
+* Table 2, the pre-activation ResNet-56 of the authors' release with crop (pad 4), flip and rotation (15),
+  200 epochs, batch 128, SGD lr 0.1 decayed x0.2 at 60/120/160 after a 1-epoch warm-up, weight decay 5e-4 on
+  every parameter: ``none``, ``dropblock`` (0.05, block 6, after each conv of the last stage), and block FMD
+  in the same places in two settings: ``fmd-release`` (the authors' release: gamma 5, block 6, the realised
+  fraction 0.076 that its ``dist_prob=0.09`` gives, see ../shared/gpu/DESIGN.md) and ``fmd-text`` (the paper's
+  text: gamma 30, block 6, p 0.05). FMD's probability ramps from 0 over the whole run, as in the release.
 
-CIFAR-10 is decoded once (PIL) from the ImageFolder tars into uint8 tensors, cached as a ``.pt`` file under
-``$TIMM_FMD_CACHE`` (default ``~/.cache/timm_fmd``) and moved to the device once; each batch is then
-gathered, augmented and normalised there, batched, from a device ``torch.Generator`` (the seed also
-sets the initialisation and the FMD/dropout masks). A shorter ``--epochs`` scales the decay
-milestones proportionally; the FMD probability ramps from 0 over the whole run, as in the release.
-Test top-1 is measured on the test split after every epoch; "s/epoch" is the median over epochs of
-the training plus evaluation time (so compilation in the first epoch does not count), "min" the
-run's whole wall time. Nothing is downloaded: the tars must exist. A lent GPU machine gets only the
-repository (64 MiB at most), not the 92 MB of tars beside it: ``--pack DIR`` writes the undecoded JPEGs
-(53 MiB) to ``DIR/{train,test}.jpeg.pt``, which a git-ignored ``DIR`` can carry there for ``--data-dir DIR``.
+Every run is its own ``timm-fmd train`` process with its own run directory under ``OUT/runs``, pinned to its
+own CPU cores (Linux's sched_setaffinity; ``--parallel`` runs at once on the one device); the data set is
+decoded once up front into the trainer's ``--data-on-device`` cache, and on CUDA each run uses
+``--cuda-graph`` (FMD rows only where the op is capture-safe), bf16 autocast and channels_last. A run that
+crashes or is killed is resumed from its last checkpoint (``--resume``), by this command's retries or by
+running the same command again; finished runs are kept. ``OUT/results.json`` merges the runs'
+``results.json`` (written after each run) and ``OUT/table.md`` holds the table: final-epoch test top-1 (the
+number to compare; no epoch is chosen on the test set) and, beside it, the best epoch's; s/epoch is the median
+epoch time including evaluation; min/run is the trainer's wall time of the run (compilation and evaluation
+included, summed over resumed sessions; process start and data loading not), and the last line the command's
+wall time.
+
+``--subset N`` trains and tests on N images of each split (seeded), for quick checks. Nothing is downloaded:
+``--data-dir`` holds ``train.tar`` and ``test.tar`` (ImageFolder tars), the folders, or the ``.jpeg.pt`` files
+of ``--pack``; a lent GPU machine gets only the repository (64 MiB), so ``--pack DIR`` writes the JPEG files
+undecoded (53 MiB for CIFAR-10) into a git-ignored ``DIR`` that the machine's run carries.
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
+import collections
+import dataclasses
 import io
 import json
-import math
 import os
 import statistics
-import tempfile
+import subprocess
+import sys
+import shutil
+import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import create_dataset
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from torchvision.transforms.functional import pil_to_tensor
 
 import timm_fmd
-from timm_fmd.models import CIFAR10_MEAN, CIFAR10_STD
-from timm_fmd.train.images import load_rgb
+from timm_fmd.ops.capture import capture_safe
+from timm_fmd.train.checkpoint import atomic_path, atomic_write
+from timm_fmd.train.config import TrainConfig, config_from_dict, load_yaml, merge, save_config
+from timm_fmd.train.data import build_splits
+from timm_fmd.train.device_data import device_loaders
+from timm_fmd.train.model import is_fmd
+from timm_fmd.train.report import MetricsLog
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpg'
-EVAL_BATCH = 1000
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One table's training recipe, as the paper (and for Table 2 the authors' release) states it."""
-
-    epochs: int
-    lr: float
-    weight_decay: float
-    milestones: Tuple[int, ...]
-    decay_rate: float
-    augment: bool
-    warmup_epochs: int = 0
-    batch_size: int = 128
-    momentum: float = 0.9
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / 'configs'
+DEFAULT_DATA_DIR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpg'
+SPLITS = ('train', 'test')
+USAGE_ERROR = 2  # timm-fmd's exit status for a bad option: a retry would fail the same way
 
 
 @dataclass(frozen=True)
 class Method:
-    model: str
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    paper_top1: Optional[float] = None
+    """A row of a table: a recipe of ``configs/`` with the row's overrides, and the paper's CIFAR-10 top-1."""
+
+    config: str
+    overrides: Dict[str, Any]
+    paper_top1: float
+    description: str
 
 
-RECIPES = {
-    1: Recipe(epochs=500, lr=0.01, weight_decay=0.0, milestones=(200, 300, 400), decay_rate=0.1, augment=False),
-    2: Recipe(epochs=200, lr=0.1, weight_decay=5e-4, milestones=(60, 120, 160), decay_rate=0.2, augment=True,
-              warmup_epochs=1),
-}
-METHODS: Dict[int, Dict[str, Method]] = {
+TABLES: Dict[int, Dict[str, Method]] = {
     1: {
-        'none': Method('paper_cnn', {}, 81.99),
-        'dropout': Method('paper_cnn', dict(drop_rate=0.5), 82.95),
-        'fmd': Method('fmd_paper_cnn', dict(fmd_stages=(-2, -1), fmd_sites=('conv',), fmd_block_size=0,
-                                            fmd_prob=0.5, fmd_gamma=5.0), 85.24),
+        'none': Method('cifar10_paper_cnn_baseline.yaml', {'model_kwargs': {'drop_rate': 0.0}}, 81.99,
+                       'the CNN, no regulariser'),
+        'dropout': Method('cifar10_paper_cnn_baseline.yaml', {}, 82.95, 'dropout 0.5 after both FC layers'),
+        'fmd': Method('cifar10_paper_cnn_fmd.yaml', {}, 85.24, 'element FMD on both FC layers, p 0.5, gamma 5'),
     },
     2: {
-        'none': Method('cifar_preresnet56', {}, 93.95),
-        'dropblock': Method('cifar_preresnet56', dict(drop_block_rate=0.05), 94.18),
-        'fmd': Method('fmd_cifar_preresnet56', dict(fmd_stages=(-1,), fmd_sites=('conv',), fmd_block_size=6,
-                                                    fmd_prob=0.05, fmd_gamma=30.0), 94.50),
+        'none': Method('cifar10_resnet56_baseline.yaml', {'model_kwargs': {'drop_block_rate': 0.0}}, 93.95,
+                       'pre-activation ResNet-56, no regulariser'),
+        'dropblock': Method('cifar10_resnet56_baseline.yaml', {}, 94.18, 'DropBlock 0.05, block 6, last stage'),
+        'fmd-release': Method('cifar10_resnet56_bfmd.yaml', {'fmd_gamma': 5.0, 'fmd_prob': 0.076}, 94.50,
+                              "block FMD as the authors' release: gamma 5, block 6, p 0.076 (realised)"),
+        'fmd-text': Method('cifar10_resnet56_bfmd.yaml', {}, 94.50,
+                           "block FMD as the paper's text: gamma 30, block 6, p 0.05"),
     },
 }
 
 
-# ------------------------------------------------------------------------------------------------ data
-class Data(NamedTuple):
-    """CIFAR-10 on one device: uint8 images (N, 3, 32, 32) and int64 labels (N,) of each split."""
+@dataclass(frozen=True)
+class RunSpec:
+    table: int
+    method: str
+    seed: int
 
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-
-
-class Jpegs(NamedTuple):
-    """The JPEG files of one split, undecoded: their bytes back to back, N + 1 offsets, N labels."""
-
-    data: torch.Tensor
-    offsets: torch.Tensor
-    labels: torch.Tensor
+    @property
+    def name(self) -> str:
+        return f't{self.table}-{self.method}-s{self.seed}'
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get('TIMM_FMD_CACHE', '~/.cache/timm_fmd')).expanduser()
+# ------------------------------------------------------------------------------------------------ configs
+def scaled_schedule(cfg: TrainConfig, epochs: Optional[int]) -> Dict[str, Any]:
+    """Overrides that stretch the recipe's decay epochs and FMD ramp to ``epochs`` (none at the recipe's length)."""
+    if epochs is None or epochs == cfg.epochs:
+        return {}
+    factor = epochs / cfg.epochs
+    milestones = sorted({max(1, round(m * factor)) for m in cfg.decay_milestones})
+    return dict(epochs=epochs, decay_milestones=milestones, fmd_ramp_epochs=cfg.fmd_ramp_epochs * factor)
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = 'wb') -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have made
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def train_config(spec: RunSpec, args: argparse.Namespace, data_dir: Path) -> TrainConfig:
+    """The trainer's config of one run: the row's recipe, this command's device settings, the run's name."""
+    method = TABLES[spec.table][spec.method]
+    cfg = config_from_dict(dict(load_yaml(CONFIGS / method.config), **method.overrides))
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    graph = cuda if args.cuda_graph is None else args.cuda_graph
+    if graph and is_fmd(cfg.model) and not capture_safe(device):
+        graph = False  # the op's ramp would freeze under replay (timm_fmd.ops.capture): eager for this row
+    overrides = dict(scaled_schedule(cfg, args.epochs), data_dir=str(data_dir), output=str(args.out / 'runs'),
+                     batch_size=args.batch_size or cfg.batch_size,
+                     experiment=spec.name, seed=spec.seed, device=args.device, data_on_device=args.data_on_device,
+                     cuda_graph=graph, amp=cuda, amp_dtype='bfloat16', channels_last=cuda,
+                     torchcompile='inductor' if args.compile else None, validation_batch_size=1000,
+                     workers=0 if args.data_on_device else args.workers,  # on the device: decoded here, once
+                     log_interval=10 ** 9, checkpoint_interval=0)
+    return merge(cfg, overrides)
 
 
-def read_tar(tar: Path) -> Jpegs:
-    """The files of an ImageFolder tar, labelled in class-name order (timm's ``create_dataset``)."""
-    reader = create_dataset('', root=str(tar)).reader
-    files, labels = [], []
+# --------------------------------------------------------------------------------------------------- data
+def _split_source(data_dir: Path, split: str) -> Path:
+    for path in (data_dir / f'{split}.tar', data_dir / split, data_dir / f'{split}.jpeg.pt'):
+        if path.exists():
+            return path
+    raise FileNotFoundError(f'--data-dir: no {split}.tar, {split}/ or {split}.jpeg.pt in {data_dir}; the CIFAR-10 '
+                            f'ImageFolder tars (or their --pack) are needed, nothing is downloaded')
+
+
+def read_files(path: Path) -> List[tuple]:
+    """``(name, bytes)`` of every image of an ImageFolder tar or folder (timm's reader, class-name order) or
+    of a ``.jpeg.pt`` pack."""
+    if path.name.endswith('.jpeg.pt'):
+        pack = torch.load(path, weights_only=True)
+        data, bounds = pack['data'].numpy().tobytes(), pack['offsets'].tolist()
+        return [(name, data[bounds[i]:bounds[i + 1]]) for i, name in enumerate(pack['names'])]
+    reader = create_dataset('', root=str(path)).reader
+    files = []
     for index in range(len(reader)):
-        file, label = reader[index]
-        files.append(file.read())
-        labels.append(label)
+        fobj, _ = reader[index]
+        with fobj:
+            files.append((reader.filename(index), fobj.read()))
     if not files:
-        raise ValueError(f'--data-dir: {tar} holds no images')
-    offsets = torch.tensor([0] + [len(f) for f in files]).cumsum(0)
-    return Jpegs(torch.frombuffer(bytearray(b''.join(files)), dtype=torch.uint8), offsets, torch.tensor(labels))
-
-
-def read_split(path: Path) -> Jpegs:
-    """A split from an ImageFolder ``.tar`` or from a ``.jpeg.pt`` file written by ``--pack``."""
-    if path.suffix == '.tar':
-        return read_tar(path)
-    return Jpegs(**torch.load(path, weights_only=True))
+        raise ValueError(f'--data-dir: {path} holds no images')
+    return files
 
 
 def subset_indices(total: int, subset: Optional[int]) -> List[int]:
-    """All indices, or ``subset`` of them drawn with a fixed seed (every class present), in file order."""
+    """All indices, or ``subset`` of them drawn with a fixed seed, in file order."""
     if subset is None or subset >= total:
         return list(range(total))
     return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:subset].sort().values.tolist()
 
 
-def decode(jpegs: Jpegs, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Decode the chosen files as the trainer does (``load_rgb``: faithful 8-bit RGB) to uint8 (N, 3, 32, 32)."""
-    data, bounds = jpegs.data.numpy().tobytes(), jpegs.offsets.tolist()
-    images = torch.empty((len(indices), 3, 32, 32), dtype=torch.uint8)
-    for row, index in enumerate(indices):
-        image = load_rgb(io.BytesIO(data[bounds[index]:bounds[index + 1]]), name=f'image {index}')
-        if image.size != (32, 32):
-            raise ValueError(f'image {index} is {image.size[0]}x{image.size[1]}, expected 32x32 (CIFAR-10)')
-        images[row] = pil_to_tensor(image)
-    return images, jpegs.labels[indices]
+def write_tar(path: Path, files: Sequence[tuple]) -> None:
+    """An ImageFolder tar of ``(name, bytes)`` files, written atomically."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, 'w') as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
 
 
-def load_split(path: Path, subset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``decode(read_split(path))``, cached: the key holds the file's path, size and mtime, and the subset."""
-    stat = path.stat()
-    digest = hashlib.sha1(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:12]
-    cache = cache_dir() / f'cifar10-{path.name.split(".")[0]}-{subset or "all"}-{digest}.pt'
-    if cache.is_file():
-        cached = torch.load(cache, weights_only=True)
-        return cached['images'], cached['labels']
-    jpegs = read_split(path)
-    images, labels = decode(jpegs, subset_indices(len(jpegs.labels), subset))
-    atomic_write(cache, lambda f: torch.save({'images': images, 'labels': labels}, f))
-    return images, labels
-
-
-def split_path(data_dir: Path, split: str) -> Path:
-    """``split.tar`` in ``data_dir``, else the ``split.jpeg.pt`` that ``--pack`` writes."""
-    for path in (data_dir / f'{split}.tar', data_dir / f'{split}.jpeg.pt'):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f'--data-dir: neither {split}.tar nor {split}.jpeg.pt in {data_dir}; the CIFAR-10 '
-                            f'ImageFolder tars (or their --pack) are needed, nothing is downloaded')
-
-
-def load_cifar10(data_dir: Path, subset: Optional[int], device: torch.device) -> Data:
-    """Both splits of ``data_dir`` on ``device`` (``subset`` images of each at most)."""
-    (train_x, train_y), (test_x, test_y) = (load_split(split_path(data_dir, s), subset) for s in ('train', 'test'))
-    return Data(*(t.to(device) for t in (train_x, train_y, test_x, test_y)))
-
-
-def pack_cifar10(data_dir: Path, out_dir: Path) -> List[Path]:
-    """Write each split's JPEG files, undecoded, to ``out_dir/{split}.jpeg.pt`` (53 MiB for all of CIFAR-10).
-
-    The tars are 92 MB, mostly headers; the packed files fit the 64 MiB working tree that reaches a lent
-    GPU machine, which then reads them with ``--data-dir out_dir``.
-    """
+def pack(data_dir: Path, out_dir: Path) -> List[Path]:
+    """Each split's JPEG files, undecoded, in ``out_dir/{split}.jpeg.pt`` (53 MiB for CIFAR-10)."""
     paths = []
-    for split in ('train', 'test'):
-        jpegs = read_split(split_path(data_dir, split))
+    for split in SPLITS:
+        files = read_files(_split_source(data_dir, split))
+        sizes = torch.tensor([0] + [len(b) for _, b in files])
+        data = torch.frombuffer(bytearray(b''.join(b for _, b in files)), dtype=torch.uint8)
         paths.append(out_dir / f'{split}.jpeg.pt')
-        atomic_write(paths[-1], lambda f: torch.save(jpegs._asdict(), f))
+        with atomic_path(paths[-1]) as tmp:
+            torch.save(dict(names=[n for n, _ in files], data=data, offsets=sizes.cumsum(0)), tmp)
     return paths
 
 
-# ----------------------------------------------------------------------------------------- augmentation
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop of the zero-padded batch back to its size (torchvision's RandomCrop(padding))."""
-    b, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)
-    offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), device=images.device, generator=generator)
-    rows = offsets[0] + torch.arange(h, device=images.device)  # (B, H) source rows of each sample
-    cols = offsets[1] + torch.arange(w, device=images.device)
-    batch = torch.arange(b, device=images.device)[:, None, None, None]
-    channel = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+def training_data(data_dir: Path, out: Path, subset: Optional[int]) -> Path:
+    """A folder with ``train.tar`` and ``test.tar`` for the trainer: ``data_dir`` itself when it holds them and
+    no subset is asked for, else tars written once under ``out`` from the packs, folders or tars."""
+    sources = {split: _split_source(data_dir, split) for split in SPLITS}
+    if subset is None and all(p.suffix == '.tar' for p in sources.values()):
+        return data_dir
+    target = out / ('data' if subset is None else f'data-subset-{subset}')
+    for split, source in sources.items():
+        if not (target / f'{split}.tar').is_file():
+            files = read_files(source)
+            write_tar(target / f'{split}.tar', [files[i] for i in subset_indices(len(files), subset)])
+    return target
 
 
-def random_hflip(images: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each sample left-right with probability ``prob``."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < prob
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+def decode_once(cfg: TrainConfig) -> None:
+    """Fill the trainer's --data-on-device cache for ``cfg`` here, once, instead of in every run process."""
+    splits = build_splits(cfg)
+    model = timm.create_model(timm_fmd.base_architecture(cfg.model), num_classes=len(splits.label_names))
+    device_loaders(cfg, splits, model, torch.device('cpu'))
 
 
-def random_rotate(images: torch.Tensor, degrees: float, generator: torch.Generator,
-                  mode: str = 'nearest') -> torch.Tensor:
-    """Rotate each float sample about its centre by an angle uniform in [-degrees, degrees], zero fill.
-
-    ``nearest`` is torchvision's ``RandomRotation`` default, which the authors' release uses.
-    """
-    b, _, h, w = images.shape
-    angle = (torch.rand(b, device=images.device, generator=generator) * 2 - 1) * math.radians(degrees)
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    # affine_grid works in [-1, 1] coordinates; the aspect factors keep the rotation rigid in pixels
-    theta = torch.stack([torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode=mode, padding_mode='zeros', align_corners=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _channel_stats(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device) -> Tuple[torch.Tensor, ...]:
-    # made once per device: a host-to-device copy at every step would stall the GPU stream
-    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
-
-
-def normalize(images: torch.Tensor, mean: Tuple[float, ...] = CIFAR10_MEAN,
-              std: Tuple[float, ...] = CIFAR10_STD) -> torch.Tensor:
-    """uint8 or [0, 1] float images to ``(x - mean) / std`` float32."""
-    x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-    mean_t, std_t = _channel_stats(tuple(mean), tuple(std), x.device)
-    return (x - mean_t) / std_t
-
-
-def train_batch(images: torch.Tensor, augment: bool, generator: torch.Generator) -> torch.Tensor:
-    """The training transform of a uint8 batch: crop 4 + flip 0.5 + rotate 15 when ``augment``, then normalise."""
-    if augment:
-        images = random_rotate(random_hflip(random_crop(images, 4, generator), 0.5, generator).float() / 255,
-                               15.0, generator)
-    return normalize(images)
-
-
-# -------------------------------------------------------------------------------------------- training
-def scale_milestones(milestones: Sequence[int], epochs: int, paper_epochs: int) -> List[float]:
-    """The paper's decay epochs stretched to a run of ``epochs`` (unchanged at the paper's length)."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f'epochs must be an int >= 1, got {epochs!r}')
-    return [m * epochs / paper_epochs for m in milestones]
+# ------------------------------------------------------------------------------------------------- runs
+@dataclass
+class Attempt:
+    kind: str  # fresh or resume
+    cores: List[int]
+    start: float
+    end: Optional[float] = None
+    returncode: Optional[int] = None
+    affinity: Optional[List[int]] = None  # as the process reported it to the OS right after its start
 
 
 @dataclass
-class RunSettings:
-    epochs: Optional[int] = None  # None: the paper's
-    batch_size: Optional[int] = None
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    fmd_prob: Optional[float] = None  # None: the table's
+class Job:
+    spec: RunSpec
+    cfg: TrainConfig
+    run_dir: Path
+    attempts: List[Attempt] = field(default_factory=list)
+    process: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / 'results.json').is_file()
+
+    @property
+    def resumable(self) -> bool:
+        return (self.run_dir / 'checkpoints' / 'last.state.pt').is_file()
 
 
-def _mean_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: RunSettings,
-               amp: Callable[[], Any]) -> float:
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    with torch.no_grad(), amp():
-        for start in range(0, len(images), EVAL_BATCH):
-            x = normalize(images[start:start + EVAL_BATCH])
-            if settings.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            correct += (model(x).argmax(1) == labels[start:start + EVAL_BATCH]).sum()
-    return 100.0 * correct.item() / len(images)
+def core_sets(parallel: int) -> List[List[int]]:
+    """This process's CPU cores split into ``parallel`` disjoint sets (sets repeat when cores are fewer)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if parallel <= len(cores):
+        return [cores[i::parallel] for i in range(parallel)]
+    return [[cores[i % len(cores)]] for i in range(parallel)]
 
 
-def train_run(table: int, method: str, seed: int, data: Data, settings: RunSettings,
-              log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train one method of one table with one seed; the per-epoch history and the final numbers."""
-    recipe, spec = RECIPES[table], METHODS[table][method]
-    epochs = settings.epochs or recipe.epochs
-    batch_size = settings.batch_size or recipe.batch_size
-    device = data.train_images.device
-    n_train = len(data.train_images)
-    steps = math.ceil(n_train / batch_size)
-    kwargs = dict(spec.kwargs)
-    if spec.model.startswith('fmd_'):
-        kwargs['fmd_ramp_steps'] = epochs * steps  # 0 -> target over the whole run, as the release
-        if settings.fmd_prob is not None:
-            kwargs['fmd_prob'] = settings.fmd_prob
-    torch.manual_seed(seed)
-    model = timm.create_model(spec.model, num_classes=10, **kwargs).to(device)
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
-    # The release's plain torch SGD decays every parameter, norms and biases included.
-    optimizer = create_optimizer_v2(model, opt='momentum', lr=recipe.lr, momentum=recipe.momentum,
-                                    weight_decay=recipe.weight_decay, filter_bias_and_bn=False)
-    milestones = scale_milestones(recipe.milestones, epochs, recipe.epochs)
-    scheduler, _ = create_scheduler_v2(optimizer, sched='multistep', num_epochs=epochs, decay_milestones=milestones,
-                                       decay_rate=recipe.decay_rate, warmup_epochs=recipe.warmup_epochs,
-                                       warmup_lr=0.0, step_on_epochs=False, updates_per_epoch=steps)
-    forward = torch.compile(model, dynamic=False) if settings.compile else model
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp)  # noqa: E731
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    history, update, run_start = [], 0, time.perf_counter()
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        lr = optimizer.param_groups[0]['lr']
-        order = torch.randperm(n_train, device=device, generator=generator)
-        for first in range(0, n_train, batch_size):
-            idx = order[first:first + batch_size]
-            x, y = train_batch(data.train_images[idx], recipe.augment, generator), data.train_labels[idx]
-            if settings.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with amp():
-                output = forward(x)
-                loss = loss_fn(output, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            update += 1
-            scheduler.step_update(num_updates=update)
-            loss_sum += loss.detach() * len(idx)  # device-side sums: no sync inside the epoch
-            correct += (output.detach().argmax(1) == y).sum()
-        train_loss, train_top1 = loss_sum.item() / n_train, 100.0 * correct.item() / n_train
-        test_top1 = _mean_top1(forward, data.test_images, data.test_labels, settings, amp)
-        seconds = time.perf_counter() - start
-        history.append(dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_top1=train_top1,
-                            test_top1=test_top1, seconds=seconds))
-        log(f'table {table} {method} seed {seed} epoch {epoch + 1}/{epochs}  lr {lr:.4g}  loss {train_loss:.4f}  '
-            f'train {train_top1:.2f}%  test {test_top1:.2f}%  {seconds:.1f} s')
-    best = max(history, key=lambda h: h['test_top1'])
-    return dict(
-        table=table, method=method, seed=seed, model=spec.model, model_kwargs=kwargs, epochs=epochs,
-        paper_epochs=recipe.epochs, batch_size=batch_size, recipe=asdict(recipe), milestones=milestones,
-        train_images=n_train, test_images=len(data.test_images), device=str(device), amp=settings.amp,
-        channels_last=settings.channels_last, compile=settings.compile, fmd_prob_final=timm_fmd.current_prob(model),
-        history=history, final_test_top1=history[-1]['test_top1'], best_test_top1=best['test_top1'],
-        best_epoch=best['epoch'], final_train_top1=history[-1]['train_top1'],
-        seconds_per_epoch=statistics.median(h['seconds'] for h in history),
-        total_minutes=(time.perf_counter() - run_start) / 60, paper_top1=spec.paper_top1)
+def _launch(job: Job, cores: List[int], out: Path) -> None:
+    if job.resumable:
+        kind, command = 'resume', ['--resume', str(job.run_dir)]
+    else:
+        if job.run_dir.exists():  # started, stopped before its first checkpoint: nothing to keep (the log is)
+            shutil.rmtree(job.run_dir)
+        config = out / 'configs' / f'{job.spec.name}.yaml'
+        atomic_write(config, save_config(job.cfg))
+        kind, command = 'fresh', ['-c', str(config)]
+    log = open(out / 'logs' / f'{job.spec.name}.log', 'a')
+    log.write(f'=== {kind} on cores {cores}\n')
+    log.flush()
+    env = dict(os.environ, OMP_NUM_THREADS=str(len(cores)), PYTHONUNBUFFERED='1')
+    job.process = subprocess.Popen([sys.executable, '-m', 'timm_fmd', 'train', *command], stdout=log,
+                                   stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    log.close()
+    attempt = Attempt(kind, cores, time.time())
+    try:
+        attempt.affinity = sorted(os.sched_getaffinity(job.process.pid))
+    except OSError:  # already gone
+        pass
+    job.attempts.append(attempt)
+    print(f'{job.spec.name}: {kind} (pid {job.process.pid}, cores {cores})', flush=True)
 
 
-# --------------------------------------------------------------------------------------------- report
-def _mean_std(values: List[float], digits: int = 2) -> str:
+def run_jobs(jobs: List[Job], parallel: int, retries: int, out: Path,
+             on_finish: Any = lambda job: None) -> List[Job]:
+    """Run the unfinished jobs, ``parallel`` at a time on disjoint core sets; a job that fails is resumed
+    from its checkpoint (or restarted when it has none) up to ``retries`` times, unless it exited with a usage
+    error. Returns the failed jobs."""
+    (out / 'logs').mkdir(parents=True, exist_ok=True)
+    queue = collections.deque(j for j in jobs if not j.finished)
+    slots: List[Optional[Job]] = [None] * max(1, min(parallel, len(queue)))
+    cores = core_sets(len(slots))
+    failed = []
+    try:
+        while queue or any(slots):
+            for i, job in enumerate(slots):
+                if job is None and queue:
+                    slots[i] = queue.popleft()
+                    _launch(slots[i], cores[i], out)
+            time.sleep(0.2)
+            for i, job in enumerate(slots):
+                if job is None or job.process.poll() is None:
+                    continue
+                attempt = job.attempts[-1]
+                attempt.end, attempt.returncode = time.time(), job.process.returncode
+                slots[i] = None
+                if job.finished:
+                    on_finish(job)
+                elif attempt.returncode != USAGE_ERROR and len(job.attempts) <= retries:
+                    print(f'{job.spec.name}: exited with {attempt.returncode}, trying again', flush=True)
+                    queue.appendleft(job)
+                else:
+                    print(f'{job.spec.name}: failed (exit {attempt.returncode}), see {out}/logs/{job.spec.name}.log',
+                          flush=True)
+                    failed.append(job)
+    finally:
+        for job in slots:
+            if job is not None and job.process.poll() is None:
+                job.process.kill()
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------- report
+def run_summary(job: Job) -> Dict[str, Any]:
+    """One run's line of ``OUT/results.json``: its results.json, epoch times and this command's attempts."""
+    results = json.loads((job.run_dir / 'results.json').read_text())
+    rows = MetricsLog.read(job.run_dir / 'metrics.csv').rows
+    method = TABLES[job.spec.table][job.spec.method]
+    return dict(table=job.spec.table, method=job.spec.method, seed=job.spec.seed, description=method.description,
+                run_dir=str(job.run_dir), config=method.config, overrides=method.overrides,
+                paper_top1=method.paper_top1, epochs=results['epochs'],
+                final_test_top1=results['final']['val_top1'], best_test_top1=results['best']['val_top1'],
+                best_epoch=results['best']['epoch'], final_train_top1=results['final']['train_top1'],
+                seconds_per_epoch=statistics.median(r['epoch_time_s'] for r in rows),
+                minutes=results['wall_time_s'] / 60, cuda_graph=job.cfg.cuda_graph,
+                attempts=[dataclasses.asdict(a) for a in job.attempts], results=results)
+
+
+def _mean_std(values: List[Optional[float]], digits: int) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return '-'
     if len(values) == 1:
         return f'{values[0]:.{digits}f}'
     return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
 
 
 def results_table(runs: List[Dict[str, Any]]) -> str:
-    """One row per table and method: mean ± std over its seeds."""
+    """One row per table and method: mean ± std over its seeds, the paper's number beside."""
     lines = ['| table | method | seeds | epochs | test top-1 final | test top-1 best | train top-1 | s/epoch | '
              'min/run | paper |', '|---|---|---|---|---|---|---|---|---|---|']
-    groups: Dict[Tuple[int, str], List[Dict[str, Any]]] = {}
-    for run in runs:
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for run in sorted(runs, key=lambda r: (r['table'], list(TABLES[r['table']]).index(r['method']), r['seed'])):
         groups.setdefault((run['table'], run['method']), []).append(run)
     for (table, method), group in groups.items():
         col = lambda key, digits=2: _mean_std([r[key] for r in group], digits)  # noqa: E731
-        paper = group[0]['paper_top1']
         lines.append(f'| {table} | {method} | {len(group)} | {group[0]["epochs"]} | {col("final_test_top1")} | '
                      f'{col("best_test_top1")} | {col("final_train_top1")} | {col("seconds_per_epoch", 1)} | '
-                     f'{col("total_minutes", 1)} | {"-" if paper is None else f"{paper:.2f}"} |')
+                     f'{col("minutes", 1)} | {group[0]["paper_top1"]:.2f} |')
     return '\n'.join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# --------------------------------------------------------------------------------------------------- CLI
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -416,76 +369,94 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    methods = sorted({m for table in METHODS.values() for m in table})
+    methods = sorted({m for table in TABLES.values() for m in table})
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--table', default='both', choices=['1', '2', 'both'])
     parser.add_argument('--methods', nargs='+', default=methods, choices=methods,
-                        help='methods to run; each table runs those it has (Table 1: none dropout fmd, '
-                             'Table 2: none dropblock fmd)')
-    parser.add_argument('--epochs', type=_positive_int, help='default: the paper\'s (500 / 200)')
-    parser.add_argument('--batch-size', type=_positive_int, help='default: the paper\'s 128')
+                        help='rows to run; each table runs those it has (1: none dropout fmd; '
+                             '2: none dropblock fmd-release fmd-text)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0])
-    parser.add_argument('--fmd-prob', type=float, help='override the fmd method\'s p (Table 1: 0.5, Table 2: 0.05)')
+    parser.add_argument('--epochs', type=_positive_int, help='default: the paper\'s (500 / 200); shorter runs '
+                                                              'scale the decay epochs and the FMD ramp')
+    parser.add_argument('--batch-size', type=_positive_int, help='default: the paper\'s 128')
+    parser.add_argument('--out', type=Path, default=Path('output/paper_gpu'), help='run directories, logs, tables')
     parser.add_argument('--data-dir', type=Path, default=DEFAULT_DATA_DIR,
-                        help='folder with train.tar and test.tar, or with the train/test.jpeg.pt of --pack')
+                        help='train/test as ImageFolder tars or folders, or the .jpeg.pt files of --pack')
+    parser.add_argument('--subset', type=_positive_int, help='use this many images of each split (a quick check)')
     parser.add_argument('--pack', type=Path, metavar='DIR',
                         help='only write the undecoded JPEGs of --data-dir to DIR/{train,test}.jpeg.pt')
-    parser.add_argument('--subset', type=_positive_int, help='use this many images of each split (a quick check)')
-    parser.add_argument('--out', type=Path, default=Path('paper_gpu_results.json'))
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on CUDA)')
-    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--parallel', type=_positive_int,
+                        help='runs at once on the device, each on its own CPU cores (default: all runs on CUDA, '
+                             'one per 4 cores on CPU)')
+    parser.add_argument('--retries', type=int, default=2, help='times a failed run is resumed (default 2)')
+    parser.add_argument('--data-on-device', action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction,
+                        help='default: on CUDA, for every row whose model can be captured')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the models (inductor)')
+    parser.add_argument('-j', '--workers', type=int, default=min(4, len(os.sched_getaffinity(0))),
+                        help='loader processes: decoding the data set once (--data-on-device), else each run\'s')
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.seeds):
         parser.error(f'--seeds must be integers >= 0, got {args.seeds}')
-    if args.fmd_prob is not None and not 0.0 <= args.fmd_prob <= 1.0:
-        parser.error(f'--fmd-prob must be in [0, 1], got {args.fmd_prob}')
+    if args.retries < 0:
+        parser.error(f'--retries must be >= 0, got {args.retries}')
     args.tables = [1, 2] if args.table == 'both' else [int(args.table)]
-    if not any(m in METHODS[t] for t in args.tables for m in args.methods):
-        parser.error(f'--methods {args.methods}: none is a method of table(s) {args.tables}')
+    args.specs = [RunSpec(t, m, s) for t in args.tables for m in TABLES[t] if m in args.methods for s in args.seeds]
+    if not args.specs and not args.pack:
+        parser.error(f'--methods {args.methods}: none is a row of table(s) {args.tables}')
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: no CUDA device is available here')
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', torch.cuda.current_device())  # generator and tensors must agree
-    args.device = device
-    if args.amp is None:
-        args.amp = device.type == 'cuda'
+    if args.cuda_graph and device.type != 'cuda':
+        parser.error(f'--cuda-graph: needs a CUDA device, got --device {args.device}')
+    if args.parallel is None:
+        args.parallel = len(args.specs) if device.type == 'cuda' else max(1, len(os.sched_getaffinity(0)) // 4)
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None,
-         load_data: Callable[[Path, Optional[int], torch.device], Data] = load_cifar10) -> Dict[str, Any]:
-    """Run the chosen tables, methods and seeds; print a table and write every result to ``--out``."""
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run (or resume) the chosen rows and seeds; print the table and write ``OUT/results.json``, ``OUT/table.md``."""
     args = parse_args(argv)
     if args.pack:
-        paths = pack_cifar10(args.data_dir, args.pack)
+        paths = pack(args.data_dir, args.pack)
         print('\n'.join(f'{p}: {p.stat().st_size / 2 ** 20:.1f} MiB' for p in paths))
         return dict(packed=[str(p) for p in paths])
-    if args.device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    start = time.perf_counter()
-    data = load_data(args.data_dir, args.subset, args.device)
-    print(f'data: {len(data.train_images)} train / {len(data.test_images)} test images on {args.device} '
-          f'in {time.perf_counter() - start:.1f} s', flush=True)
-    settings = RunSettings(epochs=args.epochs, batch_size=args.batch_size, amp=args.amp,
-                           channels_last=args.channels_last, compile=args.compile, fmd_prob=args.fmd_prob)
-    payload = dict(settings=asdict(settings), device=str(args.device), data_dir=str(args.data_dir),
-                   subset=args.subset,
-                   torch=torch.__version__, timm=timm.__version__, timm_fmd=timm_fmd.__version__,
-                   gpu=torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else None, runs=[])
-    for table in args.tables:
-        for method in (m for m in METHODS[table] if m in args.methods):
-            for seed in args.seeds:
-                payload['runs'].append(train_run(table, method, seed, data, settings,
-                                                 log=lambda line: print(line, flush=True)))
-                # after every run: a crash keeps the finished ones
-                atomic_write(args.out, lambda f: json.dump(payload, f, indent=1), mode='w')
-    print(results_table(payload['runs']))
-    print(f'results: {args.out}')
-    return payload
+    start = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data_dir = training_data(args.data_dir, args.out, args.subset)
+    jobs = [Job(spec, cfg, args.out / 'runs' / spec.name)
+            for spec, cfg in ((s, train_config(s, args, data_dir)) for s in args.specs)]
+    if args.data_on_device:
+        for job in jobs:
+            if not job.finished:  # the first decodes, the others find the cache
+                decode_once(dataclasses.replace(job.cfg, workers=args.workers))
+    print(f'data {data_dir} ready in {time.time() - start:.1f} s; {len(jobs)} runs, {args.parallel} at a time on '
+          f'{args.device}', flush=True)
+    payload = dict(device=args.device, torch=torch.__version__, timm=timm.__version__, timm_fmd=timm_fmd.__version__,
+                   gpu=torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else None,
+                   data_dir=str(data_dir), subset=args.subset, runs=[])
+    summaries: Dict[str, Dict[str, Any]] = {}
+
+    def finished(job: Job) -> None:
+        summary = summaries[job.spec.name] = run_summary(job)
+        payload['runs'] = [summaries[j.spec.name] for j in jobs if j.spec.name in summaries]
+        atomic_write(args.out / 'results.json', json.dumps(payload, indent=1))
+        print(f"{job.spec.name}: test top-1 {summary['final_test_top1']:.2f} (best {summary['best_test_top1']:.2f}), "
+              f"{summary['seconds_per_epoch']:.2f} s/epoch", flush=True)
+
+    for job in jobs:
+        if job.finished:
+            finished(job)
+    failed = run_jobs(jobs, args.parallel, args.retries, args.out, on_finish=finished)
+    table = results_table(payload['runs'])
+    wall = (time.time() - start) / 60
+    text = f'{table}\n\n{len(payload["runs"])} runs on {payload["gpu"] or args.device}, {wall:.1f} min wall'
+    atomic_write(args.out / 'table.md', text + '\n')
+    print(text)
+    if failed:
+        raise SystemExit(f'{len(failed)} run(s) failed: {", ".join(j.spec.name for j in failed)}')
+    return dict(payload, wall_minutes=wall, table=table)
 
 
 if __name__ == '__main__':

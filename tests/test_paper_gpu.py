@@ -1,246 +1,222 @@
-"""benchmarks/paper_gpu.py: device-side augmentation, milestone scaling, tar decoding and both tables end to end."""
+"""benchmarks/paper_gpu.py: the paper's rows as trainer configs, the data it hands the trainer, parallel runs
+pinned to their own cores, and a killed run resumed rather than restarted."""
 import importlib.util
 import io
 import json
-import math
+import os
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpg'
+import timm_fmd.ops.capture as capture
+from timm_fmd.train.report import MetricsLog
 
+ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location('paper_gpu', ROOT / 'benchmarks' / 'paper_gpu.py')
 paper_gpu = importlib.util.module_from_spec(_spec)
 sys.modules['paper_gpu'] = paper_gpu  # dataclasses resolve their annotations through sys.modules
 _spec.loader.exec_module(paper_gpu)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv('TIMM_FMD_CACHE', str(tmp_path_factory.getbasetemp() / 'cache'))
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
 
 
-def _images(n=16, seed=0):
-    # values 1..255: the crop's zero padding is then distinguishable from image content
-    return torch.randint(1, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+def _cifar_like(root: Path, train_per_class=8, test_per_class=4, classes=('cat', 'airplane', 'ship')) -> Path:
+    """ImageFolder tars of 32x32 JPEGs, like the CIFAR-10 ones (train/<class>/NNNN.jpg members)."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', train_per_class), ('test', test_per_class)):
+        with tarfile.open(root / f'{split}.tar', 'w') as tf:
+            for label, name in enumerate(sorted(classes)):
+                for i in range(n):
+                    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
+                    pixels[:, :, label] = 255  # a learnable colour per class
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels.numpy()).save(buffer, format='JPEG')
+                    info = tarfile.TarInfo(f'{split}/{name}/{i:04d}.jpg')
+                    info.size = buffer.tell()
+                    buffer.seek(0)
+                    tf.addfile(info, buffer)
+    return root
 
 
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+@pytest.fixture(scope='module')
+def tars(tmp_path_factory):
+    return _cifar_like(tmp_path_factory.mktemp('cifar'))
 
 
-# ------------------------------------------------------------------------------------------ augmentation
-def test_random_crop_is_a_shift_of_at_most_4_pixels_with_zero_fill():
-    x = _images()
-    out = paper_gpu.random_crop(x, 4, _gen())
-    assert out.shape == x.shape and out.dtype == torch.uint8
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    shifts = []
-    for i in range(len(x)):
-        found = [(dy, dx) for dy in range(9) for dx in range(9)
-                 if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
-        assert found, f'sample {i} is no 4-pixel shift of its image'
-        shifts.append(found[0])
-    assert len(set(shifts)) > 1  # random per sample (all equal by chance: (1/81)^15)
+def _members(tar: Path):
+    with tarfile.open(tar) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
 
 
-def test_random_hflip_flips_whole_samples():
-    x = _images(64)
-    assert torch.equal(paper_gpu.random_hflip(x, 1.0, _gen()), x.flip(-1))
-    assert torch.equal(paper_gpu.random_hflip(x, 0.0, _gen()), x)
-    out = paper_gpu.random_hflip(x, 0.5, _gen())
-    flipped = [torch.equal(o, s.flip(-1)) for o, s in zip(out, x)]
-    assert all(f or torch.equal(o, s) for f, o, s in zip(flipped, out, x))
-    assert 0 < sum(flipped) < 64  # both outcomes occur (fails with probability 2^-63)
+# ------------------------------------------------------------------------------------------------- rows
+def _config(table, method, argv=('--device', 'cpu'), seed=0):
+    args = paper_gpu.parse_args(['--out', '/tmp/unused', *argv])
+    return paper_gpu.train_config(paper_gpu.RunSpec(table, method, seed), args, Path('/data'))
 
 
-def test_random_rotate_zero_degrees_is_identity():
-    x = _images().float() / 255
-    assert torch.equal(paper_gpu.random_rotate(x, 0.0, _gen()), x)
-    torch.testing.assert_close(paper_gpu.random_rotate(x, 0.0, _gen(), mode='bilinear'), x, atol=1e-5, rtol=0)
+def test_table1_rows_are_the_papers_recipe():
+    for method in ('none', 'dropout', 'fmd'):
+        cfg = _config(1, method)
+        assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (500, 128, 0.01, 0.9, 0.0)
+        assert (cfg.sched, cfg.decay_milestones, cfg.decay_rate, cfg.warmup_epochs) == ('multistep', [200, 300, 400],
+                                                                                      0.1, 0)
+        assert cfg.no_aug and cfg.data_dir == '/data' and cfg.experiment == f't1-{method}-s0'
+    assert (_config(1, 'none').model, _config(1, 'none').model_kwargs) == ('paper_cnn', {'drop_rate': 0.0})
+    assert _config(1, 'dropout').model_kwargs == {'drop_rate': 0.5}
+    fmd = _config(1, 'fmd')
+    assert (fmd.model, fmd.fmd_prob, fmd.fmd_gamma, fmd.fmd_block_size, fmd.fmd_stages) == (
+        'fmd_paper_cnn', 0.5, 5.0, 0, [-2, -1])
+    assert fmd.fmd_ramp_epochs == 500  # from 0 over the whole run
 
 
-def test_random_rotate_matches_torchvision_rotation_by_the_drawn_angle():
-    x = _images(8).float() / 255
-    out = paper_gpu.random_rotate(x, 15.0, _gen(3))
-    angles = (torch.rand(8, generator=_gen(3)) * 2 - 1) * 15  # the draw random_rotate makes
-    assert angles.abs().max() <= 15 and angles.abs().max() > 1
-    for o, img, angle in zip(out, x, angles.tolist()):
-        ref = TF.rotate(img, angle, interpolation=TF.InterpolationMode.NEAREST)
-        # bit-exact on CPU (positive angles turn counter-clockwise in both); the margin is for float
-        # rounding elsewhere, which can move a nearest-neighbour pick by a pixel. The opposite sign: ~6%.
-        assert (o == ref).float().mean() > 0.99
+def test_table2_rows_are_the_papers_recipe_and_the_releases_fmd():
+    for method in ('none', 'dropblock', 'fmd-release', 'fmd-text'):
+        cfg = _config(2, method, seed=3)
+        assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (200, 128, 0.1, 0.9, 5e-4)
+        assert (cfg.decay_milestones, cfg.decay_rate, cfg.warmup_epochs, cfg.warmup_lr) == ([60, 120, 160], 0.2, 1,
+                                                                                          0.0)
+        assert cfg.opt_kwargs == {'filter_bias_and_bn': False}  # decay on every parameter, as the release
+        assert (cfg.no_aug, cfg.crop_pad, cfg.hflip, cfg.rotate) == (False, 4, 0.5, 15.0) and cfg.seed == 3
+    assert _config(2, 'none').model_kwargs['drop_block_rate'] == 0.0
+    assert _config(2, 'dropblock').model_kwargs == {'drop_block_rate': 0.05, 'drop_block_size': 6}
+    for method, gamma, prob in (('fmd-release', 5.0, 0.076), ('fmd-text', 30.0, 0.05)):
+        cfg = _config(2, method)
+        assert (cfg.model, cfg.fmd_gamma, cfg.fmd_prob, cfg.fmd_block_size, cfg.fmd_stages, cfg.fmd_sites) == (
+            'fmd_cifar_preresnet56', gamma, prob, 6, [-1], ['conv'])
+        assert cfg.fmd_ramp_epochs == 200
 
 
-def test_rotation_fills_corners_with_zero_and_keeps_the_centre():
-    ones = torch.ones(32, 3, 32, 32)
-    out = paper_gpu.random_rotate(ones, 15.0, _gen())
-    assert torch.equal(out[:, :, 8:24, 8:24], ones[:, :, 8:24, 8:24])
-    assert (out[:, :, 0, 0] == 0).any() and out.min() == 0
+def test_device_settings_follow_the_device_and_the_ops_capability(monkeypatch):
+    cpu = _config(2, 'none')
+    assert (cpu.data_on_device, cpu.cuda_graph, cpu.amp, cpu.channels_last, cpu.device) == (True, False, False, False,
+                                                                                           'cpu')
+    args = paper_gpu.parse_args(['--out', '/tmp/unused', '--device', 'cpu'])
+    args.device = 'cuda'  # as parse_args leaves it on a GPU machine
+    monkeypatch.setattr(capture, '_DECLARED', {})
+    cfgs = {m: paper_gpu.train_config(paper_gpu.RunSpec(2, m, 0), args, Path('/d')) for m in ('none', 'fmd-text')}
+    assert cfgs['none'].cuda_graph and (cfgs['none'].amp, cfgs['none'].amp_dtype) == (True, 'bfloat16')
+    assert cfgs['none'].channels_last and not cfgs['fmd-text'].cuda_graph  # FMD waits for a capture-safe op
+    capture.declare_capture_safe('cuda')
+    assert paper_gpu.train_config(paper_gpu.RunSpec(2, 'fmd-text', 0), args, Path('/d')).cuda_graph
 
 
-def test_normalize_uses_the_cifar10_statistics():
-    from timm_fmd.models import CIFAR10_MEAN, CIFAR10_STD
-    white = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    expected = torch.tensor([(1 - m) / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)]).view(1, 3, 1, 1)
-    torch.testing.assert_close(paper_gpu.normalize(white), expected.expand(2, 3, 4, 4))
-    torch.testing.assert_close(paper_gpu.normalize(white.float() / 255), paper_gpu.normalize(white))
-
-
-def test_train_batch_deterministic_under_a_seed_and_plain_without_augmentation():
-    x = _images()
-    a = paper_gpu.train_batch(x, True, _gen(1))
-    assert a.shape == x.shape and a.dtype == torch.float32
-    assert torch.equal(a, paper_gpu.train_batch(x, True, _gen(1)))
-    assert not torch.equal(a, paper_gpu.train_batch(x, True, _gen(2)))
-    assert torch.equal(paper_gpu.train_batch(x, False, _gen(1)), paper_gpu.normalize(x))  # Table 1
-
-
-# ------------------------------------------------------------------------------------------- schedule
-def test_scale_milestones():
-    assert paper_gpu.scale_milestones((60, 120, 160), 200, 200) == [60, 120, 160]
-    assert paper_gpu.scale_milestones((200, 300, 400), 50, 500) == [20, 30, 40]
-    assert paper_gpu.scale_milestones((60, 120, 160), 1, 200) == pytest.approx([0.3, 0.6, 0.8])
-    with pytest.raises(ValueError, match='epochs must be an int >= 1, got 0'):
-        paper_gpu.scale_milestones((60,), 0, 200)
-
-
-# ----------------------------------------------------------------------------------------- end to end
-def _synthetic(n_train=64, n_test=32):
-    g = _gen(5)
-    return paper_gpu.Data(
-        torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
-        torch.randint(0, 10, (n_train,), generator=g),
-        torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
-        torch.randint(0, 10, (n_test,), generator=g))
-
-
-def test_both_tables_end_to_end_on_synthetic_data(tmp_path, capsys):
-    out = tmp_path / 'results.json'
-    seen = []
-
-    def load(data_dir, subset, device):
-        seen.append((subset, device))
-        return _synthetic()
-
-    payload = paper_gpu.main(['--table', 'both', '--methods', 'fmd', '--epochs', '1', '--batch-size', '32',
-                              '--device', 'cpu', '--subset', '64', '--out', str(out)], load_data=load)
-    assert seen == [(64, torch.device('cpu'))]
-    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
-    assert [(r['table'], r['method'], r['model']) for r in payload['runs']] == [
-        (1, 'fmd', 'fmd_paper_cnn'), (2, 'fmd', 'fmd_cifar_preresnet56')]
-    for run, prob in zip(payload['runs'], (0.5, 0.05)):
-        assert run['epochs'] == 1 and len(run['history']) == 1 and run['seed'] == 0
-        assert run['model_kwargs']['fmd_ramp_steps'] == 2  # 64 images / batch 32, ramp over the whole run
-        assert run['fmd_prob_final'] == pytest.approx(prob)  # one ramp step per optimiser step: at the target
-        assert run['amp'] is False and run['channels_last'] is True
-        h = run['history'][0]
-        assert math.isfinite(h['train_loss']) and 0 <= h['train_top1'] <= 100 and 0 <= h['test_top1'] <= 100
-        assert run['final_test_top1'] == run['best_test_top1'] == h['test_top1']
-        assert run['train_images'] == 64 and run['test_images'] == 32
-    assert payload['runs'][0]['history'][0]['lr'] == 0.01  # Table 1: no warm-up
-    assert payload['runs'][1]['history'][0]['lr'] == 0.0  # Table 2: the release's warm-up starts from 0
-    printed = capsys.readouterr().out
-    assert 'table 1 fmd seed 0 epoch 1/1' in printed and '| 1 | fmd | 1 | 1 |' in printed
-    assert '| 85.24 |' in printed and '| 94.50 |' in printed
-
-
-def test_baselines_and_seeds_are_deterministic_and_distinct():
-    data = _synthetic()
-    settings = paper_gpu.RunSettings(epochs=1, batch_size=32, amp=False)
-    runs = [paper_gpu.train_run(1, 'dropout', seed, data, settings, log=lambda line: None) for seed in (0, 0, 1)]
-    assert runs[0]['model_kwargs'] == {'drop_rate': 0.5} and runs[0]['fmd_prob_final'] is None
-    assert runs[0]['history'][0]['train_loss'] == runs[1]['history'][0]['train_loss']
-    assert runs[0]['history'][0]['train_loss'] != runs[2]['history'][0]['train_loss']
-    table = paper_gpu.results_table(runs)
-    assert '| 1 | dropout | 3 | 1 |' in table and '±' in table
+def test_shorter_runs_scale_the_schedule():
+    cfg = _config(2, 'fmd-text', ('--device', 'cpu', '--epochs', '20'))
+    assert (cfg.epochs, cfg.decay_milestones, cfg.fmd_ramp_epochs) == (20, [6, 12, 16], 20.0)
+    cfg = _config(1, 'fmd', ('--device', 'cpu', '--epochs', '1'))
+    assert (cfg.epochs, cfg.decay_milestones, cfg.fmd_ramp_epochs) == (1, [1], 1.0)
 
 
 def test_cli_rejects_bad_input(capsys):
-    with pytest.raises(SystemExit):
-        paper_gpu.parse_args(['--table', '2', '--methods', 'dropout'])
-    assert 'none is a method of table(s) [2]' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        paper_gpu.parse_args(['--epochs', '0'])
-    assert 'expected an integer >= 1, got 0' in capsys.readouterr().err
-
-
-def test_missing_tars_are_an_error_not_a_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match='neither train.tar nor train.jpeg.pt.*nothing is downloaded'):
-        paper_gpu.load_cifar10(tmp_path, 8, torch.device('cpu'))
+    for argv, message in ((['--table', '2', '--methods', 'dropout'], 'none is a row of table(s) [2]'),
+                          (['--epochs', '0'], 'expected an integer >= 1, got 0'),
+                          (['--seeds', '-1'], '--seeds must be integers >= 0'),
+                          (['--device', 'cpu', '--cuda-graph'], '--cuda-graph: needs a CUDA device')):
+        with pytest.raises(SystemExit):
+            paper_gpu.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------- data
-def _image_folder_tar(path, split, classes=('cat', 'airplane'), per_class=3):
-    """An ImageFolder tar of 32x32 JPEGs; returns the PIL-decoded images and labels in class-name order."""
-    images, labels = [], []
-    with tarfile.open(path, 'w') as tf:
-        for label, name in enumerate(sorted(classes)):
-            for i in range(per_class):
-                array = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=_gen(10 * label + i))
-                buffer = io.BytesIO()
-                Image.fromarray(array.numpy()).save(buffer, format='JPEG')
-                info = tarfile.TarInfo(f'{split}/{name}/{i:04d}.jpg')
-                info.size = buffer.tell()
-                buffer.seek(0)
-                tf.addfile(info, buffer)
-                buffer.seek(0)
-                images.append(TF.pil_to_tensor(Image.open(buffer).convert('RGB')))
-                labels.append(label)
-    return torch.stack(images), torch.tensor(labels)
+def test_pack_subset_and_tars(tars, tmp_path):
+    originals = {split: _members(tars / f'{split}.tar') for split in paper_gpu.SPLITS}
+    assert paper_gpu.training_data(tars, tmp_path, None) == tars  # tars as they are: used in place
+    paths = paper_gpu.main(['--data-dir', str(tars), '--pack', str(tmp_path / 'packed'), '--device', 'cpu'])['packed']
+    assert [Path(p).name for p in paths] == ['train.jpeg.pt', 'test.jpeg.pt']
+    unpacked = paper_gpu.training_data(tmp_path / 'packed', tmp_path / 'out', None)
+    assert unpacked == tmp_path / 'out' / 'data'
+    for split in paper_gpu.SPLITS:
+        assert _members(unpacked / f'{split}.tar') == originals[split]  # names and bytes
+    subset = paper_gpu.training_data(tars, tmp_path / 'out', 5)
+    for split in paper_gpu.SPLITS:
+        members = _members(subset / f'{split}.tar')
+        assert len(members) == 5 and all(originals[split][name] == data for name, data in members.items())
+    assert paper_gpu.subset_indices(24, 5) == paper_gpu.subset_indices(24, 5) == sorted(paper_gpu.subset_indices(24, 5))
 
 
-def test_tars_and_their_pack_decode_to_the_pil_pixels(tmp_path, monkeypatch):
-    monkeypatch.setenv('TIMM_FMD_CACHE', str(tmp_path / 'cache'))
-    tars = tmp_path / 'tars'
-    tars.mkdir()
-    expected = [_image_folder_tar(tars / f'{split}.tar', split) for split in ('train', 'test')]
-    data = paper_gpu.load_cifar10(tars, None, torch.device('cpu'))
-    assert data.train_images.dtype == torch.uint8 and data.train_labels.dtype == torch.int64
-    for (images, labels), (ref_images, ref_labels) in zip((data[:2], data[2:]), expected):
-        assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
-
-    packed = paper_gpu.main(['--data-dir', str(tars), '--pack', str(tmp_path / 'packed'), '--device', 'cpu'])
-    assert [Path(p).name for p in packed['packed']] == ['train.jpeg.pt', 'test.jpeg.pt']
-    assert all(torch.equal(a, b) for a, b in zip(data, paper_gpu.load_cifar10(tmp_path / 'packed', None, 'cpu')))
-
-    subset = paper_gpu.load_cifar10(tmp_path / 'packed', 4, torch.device('cpu'))
-    index = paper_gpu.subset_indices(6, 4)
-    assert len(index) == 4 and index == sorted(index)
-    assert torch.equal(subset.train_images, data.train_images[index])
-    assert torch.equal(subset.test_labels, data.test_labels[index])
+def test_missing_data_is_an_error_not_a_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'no train.tar, train/ or train.jpeg.pt .*nothing is downloaded'):
+        paper_gpu.training_data(tmp_path, tmp_path / 'out', None)
 
 
-def test_images_other_than_32x32_are_rejected(tmp_path):
-    buffer = io.BytesIO()
-    Image.new('RGB', (40, 32)).save(buffer, format='JPEG')
-    jpegs = paper_gpu.Jpegs(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8),
-                            torch.tensor([0, buffer.tell()]), torch.tensor([0]))
-    with pytest.raises(ValueError, match='image 0 is 40x32, expected 32x32'):
-        paper_gpu.decode(jpegs, [0])
+def test_results_table_means_over_seeds():
+    runs = [dict(table=2, method=m, seed=s, epochs=200, final_test_top1=v, best_test_top1=v + 0.1,
+                 final_train_top1=99.0, seconds_per_epoch=1.0, minutes=3.5, paper_top1=p)
+            for m, s, v, p in (('fmd-text', 0, 94.0, 94.5), ('fmd-text', 1, 94.4, 94.5), ('none', 0, 93.0, 93.95))]
+    table = paper_gpu.results_table(runs).splitlines()
+    assert table[2] == '| 2 | none | 1 | 200 | 93.00 | 93.10 | 99.00 | 1.0 | 3.5 | 93.95 |'  # the paper's order
+    assert table[3] == '| 2 | fmd-text | 2 | 200 | 94.20 ± 0.28 | 94.30 ± 0.28 | 99.00 ± 0.00 | 1.0 ± 0.0 | ' \
+                       '3.5 ± 0.0 | 94.50 |'
 
 
-@pytest.mark.skipif(not (CIFAR / 'train.tar').is_file(), reason=f'no CIFAR-10 tars at {CIFAR}')
-def test_cifar10_tars_decode_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv('TIMM_FMD_CACHE', str(tmp_path))
-    data = paper_gpu.load_cifar10(CIFAR, 12, torch.device('cpu'))
-    for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
-        assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8 and images.float().std() > 10
-        assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
-    assert sorted(p.name.split('-')[1:3] for p in tmp_path.iterdir()) == [['test', '12'], ['train', '12']]
+# ---------------------------------------------------------------------------------------- runs (processes)
+QUICK = ['--table', '1', '--subset', '24', '--batch-size', '8', '--device', 'cpu']
 
-    def no_read(*args):
-        raise AssertionError('read the tar again instead of the cache')
 
-    monkeypatch.setattr(paper_gpu, 'read_split', no_read)
-    again = paper_gpu.load_cifar10(CIFAR, 12, torch.device('cpu'))
-    assert all(torch.equal(a, b) for a, b in zip(data, again))
+def test_rows_run_in_parallel_processes_on_their_own_cores(tars, tmp_path, capsys):
+    payload = paper_gpu.main([*QUICK, '--methods', 'none', 'fmd', '--epochs', '1', '--parallel', '2',
+                              '--data-dir', str(tars), '--out', str(tmp_path)])
+    runs = {r['method']: r for r in payload['runs']}
+    assert sorted(runs) == ['fmd', 'none'] and json.loads((tmp_path / 'results.json').read_text())['runs'] == \
+        json.loads(json.dumps(payload['runs']))
+    (a,), (b,) = runs['none']['attempts'], runs['fmd']['attempts']
+    assert a['kind'] == b['kind'] == 'fresh' and a['returncode'] == b['returncode'] == 0
+    assert a['affinity'] == a['cores'] and b['affinity'] == b['cores']  # pinned before the program started
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(a['cores']) & set(b['cores'])
+    assert a['start'] < b['end'] and b['start'] < a['end']  # at the same time
+    for run in runs.values():
+        assert run['epochs'] == 1 and 0 <= run['final_test_top1'] <= 100 and run['paper_top1'] in (81.99, 85.24)
+        assert run['results']['data']['train_size'] == 24 and run['results']['data']['val_size'] == 12
+        assert run['results']['model'] in ('paper_cnn', 'fmd_paper_cnn') and not run['cuda_graph']
+    table = (tmp_path / 'table.md').read_text()
+    assert '| 1 | none | 1 | 1 |' in table and '| 85.24 |' in table and table in capsys.readouterr().out + '\n'
+
+
+def test_a_killed_run_is_resumed_not_restarted(tars, tmp_path):
+    """The whole command is killed after the run's first epoch checkpoint; the same command again resumes it."""
+    argv = [*QUICK, '--methods', 'none', '--epochs', '4', '--data-dir', str(tars), '--out', str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'benchmarks' / 'paper_gpu.py'), *argv], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / 'runs' / 't1-none-s0'
+    state = run_dir / 'checkpoints' / 'last.state.pt'
+    deadline = time.time() + 240
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its training process
+    proc.wait(timeout=30)
+    assert state.is_file() and not (run_dir / 'results.json').is_file(), 'the run ended before it could be killed'
+    epoch = torch.load(state, weights_only=True)['epoch']  # a later row may be written, its checkpoint not
+    done = MetricsLog.read(run_dir / 'metrics.csv', max_epoch=epoch).rows
+    assert 1 <= len(done) == epoch < 4
+    payload = paper_gpu.main(argv)
+    run, = payload['runs']
+    assert [a['kind'] for a in run['attempts']] == ['resume']
+    rows = MetricsLog.read(run_dir / 'metrics.csv').rows
+    assert [r['epoch'] for r in rows] == [1, 2, 3, 4] and rows[:len(done)] == done
+    assert run['results']['global_steps'] == 4 * 3  # 24 images / batch 8, every epoch trained once
+
+
+@pytest.mark.cuda
+def test_table2_rows_on_cuda(tars, tmp_path):
+    """The GPU settings end to end: data on the device, CUDA graphs (FMD rows where the op is capture-safe),
+    bf16, channels_last, two processes at once on the one GPU."""
+    payload = paper_gpu.main(['--table', '2', '--methods', 'none', 'fmd-text', '--subset', '24', '--batch-size', '8',
+                              '--epochs', '2', '--device', 'cuda', '--parallel', '2', '--data-dir', str(tars),
+                              '--out', str(tmp_path)])
+    runs = {r['method']: r for r in payload['runs']}
+    assert runs['none']['cuda_graph'] and runs['fmd-text']['cuda_graph'] == capture.capture_safe('cuda')
+    assert all(r['results']['global_steps'] == 6 and r['epochs'] == 2 for r in runs.values())
+    assert payload['gpu'] and '| 2 | none | 1 | 2 |' in payload['table']

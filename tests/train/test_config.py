@@ -102,6 +102,7 @@ def test_paper_table2_recipe():
     cfg = config_from_dict(load_yaml(CONFIGS / 'cifar10_resnet56_bfmd.yaml'))
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.momentum) == (200, 128, 0.1, 5e-4, 0.9)
     assert (cfg.sched, cfg.decay_milestones, cfg.decay_rate) == ('multistep', [60, 120, 160], 0.2)
+    assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.opt_kwargs) == (1, 0.0, {'filter_bias_and_bn': False})  # release
     assert (cfg.train_crop_mode, cfg.crop_pad, cfg.hflip, cfg.rotate) == ('pad', 4, 0.5, 15.0)
     assert (cfg.fmd_block_size, cfg.fmd_gamma, cfg.fmd_stages, cfg.fmd_sites) == (6, 30.0, [-1], ['conv'])
     assert 0.01 <= cfg.fmd_prob <= 0.1

@@ -31,6 +31,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from .capture import declare_capture_safe
 from .erc import rademacher_sup
 from .masks import RATE_TABLE_SIZE, RATE_TABLE_T_MAX, block_seed_rate, clamp_block_size, seed_rate_table
 from .next_layer import NO_NEXT_LAYER_WEIGHT, ONE_BY_ONE_FACTOR
@@ -354,3 +355,8 @@ def distort(
             _, coef = rademacher_sup(next_layer, coef)  # D = K[k_hat]^T S[k_hat] (Eq. 14 / 22-24)
     out = apply_fn(xc, seed, prob_t, stats, coef.to(torch.float32), rate, config)
     return out, stats[2]
+
+
+if _HAVE_TRITON:  # seeds drawn and the probability read on the device, no host sync: CUDA graphs may capture it
+    declare_capture_safe('cuda', covers=lambda op: op.lam == 0 and op.steps == 1,
+                         requires='lam 0 and steps 1 at every site (the fused path; others run the reference)')

@@ -137,6 +137,12 @@ class TrainConfig:
     model_ema: bool = _f(False, 'keep an exponential moving average of the weights and evaluate it')
     model_ema_decay: float = _f(0.9998, 'EMA decay')
     model_ema_warmup: bool = _f(False, 'EMA decay warm-up')
+    data_on_device: bool = _f(False, 'decode the data set once (cached) and keep it as uint8 on the training device; '
+                                     'augment there in batches (pad crop, flips, rotation; not --aa, --reprob, '
+                                     '--color-jitter or random-resized crops)')
+    cuda_graph: bool = _f(False, 'capture the training step (forward, backward, optimiser step, EMA) once in a CUDA '
+                                 'graph and replay it (CUDA only; SGD/Adam/AdamW, no fp16 --amp-dtype, no '
+                                 '--grad-accum-steps)')
 
     # --- Feature Map Distortion (passed as fmd_* kwargs to create_model for an fmd_<arch> model)
     fmd_prob: Optional[float] = _f(None, 'target distortion probability p')
@@ -355,7 +361,37 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(not any(k.startswith('fmd_') for k in cfg.model_kwargs), 'model_kwargs', cfg.model_kwargs,
            'no fmd_* keys (use the --fmd-* options)')
     _validate_fmd(cfg)
+    _validate_fast_paths(cfg)
     return cfg
+
+
+def _refuse(name: str, value: Any, option: str, reason: str) -> None:
+    raise ValueError(f'{_opt(name)}: got {value!r}, which {option} does not support ({reason})')
+
+
+def _validate_fast_paths(cfg: TrainConfig) -> None:
+    """Options that ``--data-on-device`` / ``--cuda-graph`` have no implementation of, refused by name."""
+    if cfg.data_on_device and not cfg.no_aug:
+        unsupported = (('aa', cfg.aa is not None, 'no batched AutoAugment / RandAugment on the device'),
+                       ('reprob', cfg.reprob > 0, 'no batched random erasing on the device'),
+                       ('color_jitter', cfg.color_jitter > 0, 'no batched colour jitter on the device'),
+                       ('train_crop_mode', cfg.train_crop_mode != 'pad',
+                        'images are stored at the input size: only the pad crop mode'))
+        for name, active, reason in unsupported:
+            if active:
+                _refuse(name, getattr(cfg, name), '--data-on-device', reason)
+    if cfg.data_on_device and cfg.skip_corrupt:
+        _refuse('skip_corrupt', True, '--data-on-device', 'every image is decoded up front: fix or remove '
+                                                         'unreadable files, or train without --data-on-device')
+    if cfg.cuda_graph:
+        if cfg.grad_accum_steps != 1:
+            _refuse('grad_accum_steps', cfg.grad_accum_steps, '--cuda-graph', 'one captured step is one optimiser step')
+        if cfg.amp and cfg.amp_dtype == 'float16':
+            _refuse('amp_dtype', cfg.amp_dtype, '--cuda-graph', "the fp16 grad scaler reads its inf check on the "
+                                                                "host; use --amp-dtype bfloat16")
+        if cfg.skip_corrupt:
+            _refuse('skip_corrupt', True, '--cuda-graph', 'a skipped image changes the batch shape the graph '
+                                                          'was captured with')
 
 
 def _validate_fmd(cfg: TrainConfig) -> None:

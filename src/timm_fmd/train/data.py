@@ -33,7 +33,7 @@ from .images import load_rgb
 
 __all__ = ['DataError', 'load_rgb', 'Splits', 'Loaders', 'digits_root', 'build_splits', 'steps_per_epoch', 'data_args',
            'build_transforms',
-           'build_loaders', 'loaders_for_model', 'build_mixup', 'SampleDataset', 'EpochSampler']
+           'build_loaders', 'loaders_for_model', 'build_mixup', 'SampleDataset', 'EpochSampler', 'cache_root']
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ _DIGITS_VERSION = 'digits-v1'
 
 
 # -------------------------------------------------------------------------------- embedded digits
+def cache_root() -> Path:
+    """Where timm-fmd caches data it derives: ``$TIMM_FMD_CACHE``, default ``~/.cache/timm_fmd``."""
+    return Path(os.environ.get('TIMM_FMD_CACHE') or Path.home() / '.cache' / 'timm_fmd')
+
+
 def digits_root(cache_dir: Optional[str] = None) -> Path:
     """The embedded digits data set as an ImageFolder (``train/``, ``val/``), written once on first use.
 
@@ -52,7 +57,7 @@ def digits_root(cache_dir: Optional[str] = None) -> Path:
     ``~/.cache/timm_fmd``). The folder is built in a temporary directory and renamed into place, so
     concurrent first uses (e.g. torchrun ranks) never see a half-written copy.
     """
-    cache = Path(cache_dir or os.environ.get('TIMM_FMD_CACHE') or Path.home() / '.cache' / 'timm_fmd')
+    cache = Path(cache_dir) if cache_dir else cache_root()
     root = cache / _DIGITS_VERSION
     if root.is_dir():
         return root
@@ -352,6 +357,10 @@ class EpochSampler(Sampler):
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
+
+    def positions(self) -> np.ndarray:
+        """This rank's sample positions for the epoch, from ``start`` on (what iterating yields, without seeds)."""
+        return self._positions()[self.start:]
 
     def _positions(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])

@@ -27,9 +27,11 @@ __all__ = ['autocast', 'hits', 'evaluate', 'LoadedRun', 'load_run', 'evaluate_ch
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
-    """A factory of the run's autocast context (a no-op context without ``--amp``)."""
+    """A factory of the run's autocast context (a no-op context without ``--amp``). Under ``--cuda-graph``
+    without the cast cache, which must not outlive a captured step."""
     dtype = torch.float16 if cfg.amp_dtype == 'float16' else torch.bfloat16
-    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=cfg.amp)
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=cfg.amp,
+                             cache_enabled=not cfg.cuda_graph)
 
 
 def hits(output: torch.Tensor, target: torch.Tensor) -> tuple:

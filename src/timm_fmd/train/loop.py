@@ -42,7 +42,9 @@ from .checkpoint import (atomic_write, capture_rng, load_checkpoint, restore_rng
                          weights_for_saving)
 from .config import FMD_DEFAULTS, FMD_FIELDS, TrainConfig, resolved_lr, save_config, validate
 from .data import Loaders, Splits, build_mixup, build_splits, loaders_for_model, steps_per_epoch
+from .device_data import device_loaders
 from .evaluate import autocast, evaluate, hits
+from .graphs import CapturableEma, GraphedStep, check_graph_config, optimizer_kwargs
 from .model import base_architecture, create_model, is_fmd, pretrained_source
 from .rademacher import erc_layers, layer_erc
 from .report import MetricsLog, Progress, hardware, plot_curves, tensorboard_writer, write_json
@@ -88,6 +90,7 @@ class Run:
     autocast: Callable[[], Any]
     steps_per_epoch: int
     started: float = field(default_factory=time.time)
+    graph: Optional[GraphedStep] = None  # --cuda-graph: the captured training step
 
     @property
     def eval_model(self) -> nn.Module:
@@ -218,10 +221,15 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
     splits = build_splits(cfg)
     n_steps = steps_per_epoch(cfg, len(splits.train_indices), env.world_size)
     model = create_model(cfg, len(splits.label_names), n_steps)
+    if cfg.cuda_graph:
+        check_graph_config(cfg, env.device, env.world_size, model)
     if not is_fmd(cfg.model) and env.is_main:
         print(f'note: {cfg.model} is not an fmd_<arch> model: training without Feature Map Distortion', flush=True)
     cuda = env.device.type == 'cuda'
-    loaders = loaders_for_model(cfg, splits, model, env.rank, env.world_size, pin_memory=cfg.pin_mem and cuda)
+    if cfg.data_on_device:
+        loaders = device_loaders(cfg, splits, model, env.device, env.rank, env.world_size)
+    else:
+        loaders = loaders_for_model(cfg, splits, model, env.rank, env.world_size, pin_memory=cfg.pin_mem and cuda)
     if env.is_main:
         for warning in timm_fmd.oversized_blocks(model, loaders.data_config['input_size']):
             print(f'warning: {warning}', flush=True)
@@ -244,13 +252,14 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
         print(f'note: --lr {lr:.4g} (timm\'s rule for a global batch of '
               f'{cfg.batch_size * cfg.grad_accum_steps * env.world_size}; pass --lr to choose)', flush=True)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, **cfg.opt_kwargs)
+                                    momentum=cfg.momentum, **{**cfg.opt_kwargs, **optimizer_kwargs(cfg)})
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
         decay_milestones=cfg.decay_milestones, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=not cfg.sched_on_updates,
         updates_per_epoch=n_steps)
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
+    ema_class = CapturableEma if cfg.cuda_graph else ModelEmaV3
+    ema = ema_class(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     train_model = D.wrap_ddp(model, env)
     if cfg.torchcompile:
         train_model = torch.compile(train_model, backend=cfg.torchcompile)
@@ -261,11 +270,15 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
         loss_fn = LabelSmoothingCrossEntropy(cfg.smoothing)
     else:
         loss_fn = nn.CrossEntropyLoss()
-    return Run(cfg=cfg, env=env, run_dir=run_dir, splits=splits, loaders=loaders, model=model,
-               train_model=train_model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-               scaler=torch.amp.GradScaler(env.device.type, enabled=cfg.amp and cfg.amp_dtype == 'float16'),
-               loss_fn=loss_fn.to(env.device), mixup=mixup, steps_per_epoch=n_steps,
-               autocast=autocast(cfg, env.device))
+    run = Run(cfg=cfg, env=env, run_dir=run_dir, splits=splits, loaders=loaders, model=model,
+              train_model=train_model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+              scaler=torch.amp.GradScaler(env.device.type, enabled=cfg.amp and cfg.amp_dtype == 'float16'),
+              loss_fn=loss_fn.to(env.device), mixup=mixup, steps_per_epoch=n_steps,
+              autocast=autocast(cfg, env.device))
+    if cfg.cuda_graph:
+        run.graph = GraphedStep(lambda x, target, y, step: _train_step(run, x, target, y, True, step), optimizer, ema,
+                                device=env.device)
+    return run
 
 
 # ------------------------------------------------------------------------------------ train / eval
@@ -295,24 +308,14 @@ def train_one_epoch(run: Run, pos: Position, epoch: int) -> Dict[str, Any]:
             x, y = (x[:-1], y[:-1]) if len(x) % 2 else (x, y)  # a skipped image can leave an odd batch
             x, target = run.mixup(x, y)
         stepping = (b + 1) % accum == 0
-        sync = run.train_model.no_sync() if env.distributed and not stepping else contextlib.nullcontext()
-        with sync:
-            with run.autocast():
-                output = run.train_model(x)
-                loss = run.loss_fn(output, target)
-            run.scaler.scale(loss / accum).backward()
-        if run.mixup is None:
-            top1, top5 = hits(output.detach(), y)
-            sums += torch.stack([loss.detach().double() * len(y), top1.double(), top5.double()])
-        else:  # accuracy is undefined against mixed targets
-            sums[0] += loss.detach().double() * len(y)
+        if run.graph is not None:  # --cuda-graph: the same step, replayed
+            sums += run.graph(x, target, y, pos.global_step + 1)
+        else:
+            sums += _train_step(run, x, target, y, stepping, pos.global_step + 1)
         count += len(y)
         if not stepping:
             continue
-        _optimizer_step(run)
         pos.global_step, pos.batch = pos.global_step + 1, b + 1
-        if run.ema is not None:
-            run.ema.update(run.model, step=pos.global_step)
         if run.scheduler is not None:
             run.scheduler.step_update(num_updates=pos.global_step)
         step = pos.batch // accum
@@ -332,6 +335,29 @@ def train_one_epoch(run: Run, pos: Position, epoch: int) -> Dict[str, Any]:
                 fmd_prob=timm_fmd.current_prob(run.model), train_loss=loss / n,
                 train_top1=None if mixed else 100.0 * top1 / n, train_top5=None if mixed else 100.0 * top5 / n,
                 images_per_sec=n / train_time)
+
+
+def _train_step(run: Run, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor, stepping: bool,
+                global_step: int) -> torch.Tensor:
+    """One micro-batch: forward, backward and, when ``stepping``, optimiser step ``global_step`` with its EMA
+    update. Returns the batch's float64 device sums (loss * n, top-1 hits, top-5 hits; hits 0 under mixup)."""
+    sync = run.train_model.no_sync() if run.env.distributed and not stepping else contextlib.nullcontext()
+    with sync:
+        with run.autocast():
+            output = run.train_model(x)
+            loss = run.loss_fn(output, target)
+        run.scaler.scale(loss / run.cfg.grad_accum_steps).backward()
+    loss_sum = loss.detach().double() * len(y)
+    if run.mixup is None:
+        top1, top5 = hits(output.detach(), y)
+        sums = torch.stack([loss_sum, top1.double(), top5.double()])
+    else:  # accuracy is undefined against mixed targets
+        sums = torch.cat([loss_sum[None], loss_sum.new_zeros(2)])
+    if stepping:
+        _optimizer_step(run)
+        if run.ema is not None:
+            run.ema.update(run.model, step=global_step)
+    return sums
 
 
 def _optimizer_step(run: Run) -> None:
