@@ -50,15 +50,20 @@ class PublishError(RuntimeError):
     """Publishing to the Hub failed; the message says what and why, the cause is chained."""
 
 
+def _hub_id(value: str, name: str, kind: str) -> str:
+    """``value`` if huggingface_hub accepts it as a repo id, else a ``ValueError`` naming ``name``."""
+    try:
+        _check_hub_repo_id(value)
+    except HFValidationError as e:
+        raise ValueError(f'{name} {value!r} is not a valid Hub {kind} id: {e}') from None
+    return value
+
+
 def validate_repo_id(repo_id: str) -> str:
     """Check that ``repo_id`` is a Hub model id of the form ``ORG/NAME``; return it."""
     if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ValueError(f"repo_id must have the form 'ORG/NAME', got {repo_id!r}")
-    try:
-        _check_hub_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f'repo_id {repo_id!r} is not a valid Hub repo id: {e}') from None
-    return repo_id
+    return _hub_id(repo_id, 'repo_id', 'repo')
 
 
 def build_model(run: RunRecord) -> nn.Module:
@@ -96,11 +101,7 @@ def validate_dataset_id(dataset: str) -> str:
     """Check that ``dataset`` has the form of a Hub dataset id (``ORG/NAME``, or a legacy ``NAME``); return it."""
     if not isinstance(dataset, str) or dataset.count('/') > 1:
         raise ValueError(f"dataset must be a Hugging Face Hub dataset id such as 'uoft-cs/cifar10', got {dataset!r}")
-    try:
-        _check_hub_repo_id(dataset)
-    except HFValidationError as e:
-        raise ValueError(f'dataset {dataset!r} is not a valid Hub dataset id: {e}') from None
-    return dataset
+    return _hub_id(dataset, 'dataset', 'dataset')
 
 
 def _public(run: RunRecord, dataset: str | None) -> RunRecord:

@@ -73,6 +73,17 @@ def _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC: tl.constexpr, TH: tl.constexpr,
 
 
 @triton.jit
+def _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH, KW,
+             RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr,
+             TW: tl.constexpr):
+    """What every tiled kernel starts from: its batch split, the call's Philox key, the seed rate and its tile."""
+    key = tl.load(seed_ptr).to(tl.int64) * 4
+    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
+    c, h, w, own = _tile(tl.program_id(0), n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
+    return tl.program_id(1), key, r, c, h, w, own
+
+
+@triton.jit
 def _mask(key, rate, b, c, h, w, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr):
     """The distortion mask at ``(b, c, h, w)`` and the block seeds it grew from (``(1, TH, TW)`` when shared)."""
     if BLOCK:
@@ -106,11 +117,8 @@ def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
                      rate, t_scale, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_ht, n_wt, KH, KW,
                      BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr, RATE_FROM: tl.constexpr,
                      TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    key = tl.load(seed_ptr).to(tl.int64) * 4
-    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
-    c, h, w, own = _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
+    split, key, r, c, h, w, own = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH,
+                                           KW, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     offsets = c * sxc + h * sxh + w * sxw
     n_tile = tl.sum(own.to(tl.float32))
     count = 0.0
@@ -136,7 +144,7 @@ def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
             n_acc = n_new
             if EXACT:
                 g += tl.where(distorted, 0.0, x * _sample_sign(key, b))
-    part = part_ptr + (tile * tl.num_programs(1) + split) * 4
+    part = part_ptr + (tl.program_id(0) * tl.num_programs(1) + split) * 4
     tl.store(part, n_acc)
     tl.store(part + 1, mean_acc)
     tl.store(part + 2, m2_acc)
@@ -206,11 +214,8 @@ def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr, c
                      KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr,
                      RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, REPORT: tl.constexpr,
                      BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    key = tl.load(seed_ptr).to(tl.int64) * 4
-    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
-    c, h, w, own = _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
+    split, key, r, c, h, w, own = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH,
+                                           KW, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     x_offsets = c * sxc + h * sxh + w * sxw
     out_offsets = c * soc + h * soh + w * sow
     scale = tl.load(stats_ptr + 1)
@@ -252,11 +257,8 @@ def fmd_grad_kernel(g_ptr, dx_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr,
                     rate, t_scale, B, C, H, W, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, b_chunk, n_ht, n_wt, KH, KW,
                     BLOCK: tl.constexpr, SHARED: tl.constexpr, RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr,
                     BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    key = tl.load(seed_ptr).to(tl.int64) * 4
-    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
-    c, h, w, own = _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
+    split, key, r, c, h, w, own = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH,
+                                           KW, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     g_offsets = c * sgc + h * sgh + w * sgw
     dx_offsets = c * sdc + h * sdh + w * sdw
     scale = tl.load(stats_ptr + 1)
