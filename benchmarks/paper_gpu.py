@@ -2,7 +2,7 @@
 
     python benchmarks/paper_gpu.py --table 2 --out runs/paper                   # Table 2 in full, one seed
     python benchmarks/paper_gpu.py --table both --seeds 0 1 2 --out runs/paper  # both tables, three seeds
-    python benchmarks/paper_gpu.py --table both --subset 64 --epochs 1 --device cpu --out /tmp/quick  # a check
+    python benchmarks/paper_gpu.py --table both --subset 64 --batch-size 32 --epochs 1 --device cpu --out /tmp/quick
     python benchmarks/paper_gpu.py --pack output/cifar10     # 53 MiB of JPEGs for a lent GPU machine
 
 Tang et al. (AAAI 2020), "Beyond Dropout: Feature Map Distortion to Regularize Deep Neural Networks". Each

@@ -208,22 +208,25 @@ def _fingerprint(reader: Any, indices: np.ndarray, head: T.Compose, class_map: D
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _keep(batch: List[Any]) -> List[Any]:
-    return batch
+def _as_arrays(batch: List[Any]) -> List[Any]:
+    """Worker side: the images as numpy arrays, which travel to the main process pickled by value. As torch
+    tensors each would travel as a shared-memory file descriptor that stays open while the image is kept, and a
+    data set larger than the process's file limit (``ulimit -n``) would fail ('received 0 items of ancdata')."""
+    return [(None if image is None else image.numpy(), target) for image, target in batch]
 
 
 def _decode(reader: Any, indices: np.ndarray, head: T.Compose, workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every sample through ``head`` (PIL) to uint8 ``(N, C, H, W)``, with ``workers`` loader processes."""
     dataset = SampleDataset(reader, indices, T.Compose(list(head.transforms) + [T.PILToTensor()]), skip_corrupt=True)
     loader = DataLoader(dataset, batch_size=_DECODE_BATCH, sampler=[(i, 0) for i in range(len(indices))],
-                        num_workers=workers, collate_fn=_keep)
+                        num_workers=workers, collate_fn=_as_arrays)
     images, labels, unreadable = [], [], []
     for batch in loader:
         for image, target in batch:
             if image is None:
                 unreadable.append(target)
             else:
-                images.append(image)
+                images.append(torch.from_numpy(image))
                 labels.append(target)
     if unreadable:
         raise ValueError(f'--data-on-device: unreadable image(s) {unreadable[:5]} ({len(unreadable)} in all): every '
