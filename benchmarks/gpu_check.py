@@ -14,7 +14,8 @@ killed with its whole process group and reported as a timeout, so one hanging pa
        python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last --compile \\
            --variants "FMD per-channel approx" --repeats 10 --wait-for <go file>
 
-3. CUDA tests (``--tests-timeout``, default 85 s): ``python -m pytest -m cuda -v -p no:cacheprovider``
+3. CUDA tests (``--tests-timeout``, default 85 s): ``python -m pytest -m cuda -v -p no:cacheprovider --tb=short``
+   (with ``-n 4`` where pytest-xdist is installed, as on the H200 image)
    (every ``@pytest.mark.cuda`` test of the suite: the trainer on CUDA and torchrun with NCCL in
    tests/train/test_cuda.py, and those of the op and the CUDA-graph step where they exist).
    It runs within step 2's deadline, so steps 2-4 take at most ``--compile-timeout`` together.
@@ -38,6 +39,8 @@ measured); 4 everything ran and passed but a target was missed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import os
 import re
@@ -55,6 +58,9 @@ OP_SHAPE = '(32, 1024, 14, 14)'
 R50_ARGS = ['--device', 'cuda', '--batch-size', '64', '--amp', '--channels-last', '--repeats', '10']
 COMPILED_VARIANTS = 'FMD per-channel approx'
 PROBE_TIMEOUT = 30.0  # a cold first import of torch on a fresh machine
+# the CUDA tests in 4 processes where pytest-xdist is installed: most of their time is Triton compiling the kernel
+# variants on a fresh machine, one CPU core each
+XDIST = ['-n', '4'] if importlib.util.find_spec('xdist') is not None else []
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA, EXIT_MISSED = 0, 1, 3, 4
 
@@ -179,8 +185,12 @@ class TestCounts:
 def parse_pytest(text: str) -> TestCounts:
     """Counts and failed test ids from ``pytest -v`` output (also a run cut short: the lines printed so far)."""
     counts = TestCounts()
-    for match in re.finditer(r'^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b', text, re.M):
-        node, result = match.groups()
+    plain = ((m.group(1), m.group(2)) for m in re.finditer(r'^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b',
+                                                           text, re.M))
+    # pytest-xdist's -v lines: "[gw1] [ 12%] PASSED tests/...::test"
+    xdist = ((m.group(2), m.group(1)) for m in re.finditer(
+        r'^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+::\S+)', text, re.M))
+    for node, result in itertools.chain(plain, xdist):
         if result in ('PASSED', 'XPASS', 'XFAIL'):
             counts.passed += 1
         elif result == 'SKIPPED':
@@ -342,7 +352,7 @@ def gpu_commands(py: str, go: Path) -> Dict[str, List[str]]:
     """The commands of steps 2, 3, 5 and 6 of the module docstring (run from the repository root)."""
     r50 = [py, 'benchmarks/bench_resnet50.py', *R50_ARGS]
     return {'compiled': r50 + ['--compile', '--variants', COMPILED_VARIANTS, '--wait-for', str(go)],
-            'tests': [py, '-m', 'pytest', '-m', 'cuda', '-v', '-p', 'no:cacheprovider'],
+            'tests': [py, '-m', 'pytest', '-m', 'cuda', '-v', '-p', 'no:cacheprovider', '--tb=short', *XDIST],
             'op': [py, 'benchmarks/bench_op.py', '--device', 'cuda'],
             'eager': r50}
 

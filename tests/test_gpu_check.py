@@ -77,6 +77,16 @@ def test_parse_pytest_counts_and_names_failures():
                                'tests/graph/test_capture.py']
 
 
+def test_parse_pytest_reads_xdist_lines():
+    text = ('[gw0] [ 25%] PASSED tests/ops/fused/test_cuda.py::test_a[dtype1-True]\n'
+            '[gw1] [ 50%] FAILED tests/train/test_cuda.py::test_trainer\n'
+            '[gw0] [ 75%] SKIPPED tests/train/test_cuda.py::test_two_gpus\n'
+            '[gw2] [100%] PASSED tests/test_ramp.py::test_b\n')
+    counts = gc.parse_pytest(text)
+    assert (counts.passed, counts.failed, counts.skipped) == (2, 1, 1)
+    assert counts.failures == ['tests/train/test_cuda.py::test_trainer']
+
+
 def test_op_row_for_picks_the_fused_fmd_row_of_the_target():
     rows = gc.parse_table(BENCH_OP, 'shape')
     assert gc.op_row_for(rows, 'per-channel block FMD approx')['method'] == 'per-channel  block FMD approx fused'

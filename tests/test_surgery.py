@@ -104,6 +104,18 @@ def test_sync_batchnorm_then_compile():
     assert _traced_sites(model) == 9
 
 
+
+@pytest.mark.parametrize('copy_first', [False, True], ids=['model', 'deep copy'])
+def test_sync_batchnorm_then_compile_without_an_eager_forward(copy_first):
+    """The same for a model never run eagerly, and for a deep copy of it (an EMA copy, then converted and
+    compiled): the trace-time sync finds the root by ``id`` (torch 2.11's dynamo passes no module to it)."""
+    import copy
+    from timm.layers import convert_sync_batchnorm
+    model = timm.create_model('fmd_test_resnet', fmd_block_size=3, fmd_input_size=(3, 64, 64))
+    if copy_first:
+        model = copy.deepcopy(model)
+    assert _traced_sites(convert_sync_batchnorm(model)) == 9
+
 def _traced_sites(model):
     """How many FMD ops the compiled training forward runs (module paths of the traced graph's nodes)."""
     graphs = []

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import warnings
+import weakref
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
@@ -69,16 +70,35 @@ class SiteGuard:
     Eager: :func:`in_place` each time, :func:`sync` when it fails. Compiled: once per trace, eagerly at
     trace time (``assume_constant_result``: no graph break, so ``fullgraph=True`` holds), so the graph
     is traced from the synced model -- timm's ``train.py --sync-bn --torchcompile`` converts the norms,
-    dropping FMD's hooks, right before compiling.
+    dropping FMD's hooks, right before compiling. The trace-time call takes the root's ``id`` and finds
+    the root in a weak registry: torch 2.11's dynamo cannot pass a module to such a call (it can take its
+    ``id``), so the guard registers its root when made, on every eager call and when deep-copied with it.
     """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root_id = id(root)
+        _ROOTS[self.root_id] = root
 
     def __call__(self, model: nn.Module, args: Any) -> None:
         if not model.training:
             return
         if torch.compiler.is_compiling():
-            _ensure_while_tracing(model)
+            _ensure_while_tracing(id(model))
         else:
+            _ROOTS[id(model)] = model  # a dict store: e.g. an unpickled model, registered before compiling
             _ensure(model)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> 'SiteGuard':
+        # copy.deepcopy makes the root's copy (memo) before its hooks: register that copy (EMA, ...)
+        root = memo.get(self.root_id)
+        if root is None:  # the hook copied without its root: a guard for no root yet
+            guard = SiteGuard.__new__(SiteGuard)
+            guard.root_id = None
+            return guard
+        return SiteGuard(root)
+
+
+_ROOTS: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
 
 
 def _ensure(model: nn.Module) -> bool:
@@ -87,7 +107,10 @@ def _ensure(model: nn.Module) -> bool:
     return True
 
 
-_ensure_while_tracing = torch.compiler.assume_constant_result(_ensure)
+@torch.compiler.assume_constant_result
+def _ensure_while_tracing(root_id: int) -> bool:
+    model = _ROOTS.get(root_id)
+    return True if model is None else _ensure(model)  # unknown (never run eagerly, not copied): as it is
 
 
 def fmd_roots(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:

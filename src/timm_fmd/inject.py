@@ -181,7 +181,7 @@ def apply_fmd(model: nn.Module, settings: Optional[FMDSettings] = None, **kwargs
         if site.next_layer is not None:
             op.link(model.get_submodule(site.next_layer))
         attach(model, op)
-    model.register_forward_pre_hook(SiteGuard())
+    model.register_forward_pre_hook(SiteGuard(model))
     model.fmd_settings = settings  # a plain attribute: not in state_dict
     count_steps(model)  # the ramp counts the steps of the optimisers that hold the model's parameters
     return model

@@ -21,7 +21,9 @@ PyTorch between the two ops (``rademacher_sup``: the next layer's op, its transp
 Backward: ``fmd_grad``, one kernel. No host synchronisation anywhere; the probability may be a 0-dim device
 tensor (the block seed rate then comes from :func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the
 kernels), so the ops can be captured in a CUDA graph and ``torch.compile(fullgraph=True)`` sees them as opaque
-ops with fake (shape) implementations.
+ops with fake (shape) implementations. Eager calls launch the same kernels without the custom-op dispatch (an
+``autograd.Function``): that dispatch was a third of an eager call's host time, and an eager FMD site is bound
+by host time, not by the GPU.
 """
 import contextlib
 import functools
@@ -123,6 +125,7 @@ def _target_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # called three times per op call with the same few shapes: host time
 def plan(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: int, *, gpu: bool,
          programs: int) -> _Plan:
     """Tiles and grid for a ``(B, C, H, W)`` map: a register tile of at most ``TILE_ELEMENTS`` on a GPU
@@ -269,10 +272,8 @@ def _(x, seed, prob, stats, coef, rate, config):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op('timm_fmd::fmd_grad', mutates_args=())
-def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor, rate: float,
-             config: List[int], strides: List[int]) -> torch.Tensor:
-    """``where(m, 0, grad * scale)`` with the mask regenerated from ``seed``; laid out with ``strides``."""
+def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
+                 rate: float, config: List[int], strides: List[int]) -> torch.Tensor:
     from . import kernels
     cfg = _Config(*config)
     dx = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
@@ -285,6 +286,13 @@ def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor
             width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw,
             **_mask_args(cfg, tiles))
     return dx
+
+
+@torch.library.custom_op('timm_fmd::fmd_grad', mutates_args=())
+def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor, rate: float,
+             config: List[int], strides: List[int]) -> torch.Tensor:
+    """``where(m, 0, grad * scale)`` with the mask regenerated from ``seed``; laid out with ``strides``."""
+    return _launch_grad(grad, seed, prob, stats, rate, config, strides)
 
 
 @_grad_op.register_fake
@@ -305,6 +313,21 @@ def _backward(ctx, grad):
 
 
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerApply(torch.autograd.Function):
+    """The apply op's launch and backward without the custom-op dispatch (eager calls: a third of the host time
+    of an op call; ``torch.compile`` traces the custom ops instead)."""
+
+    @staticmethod
+    def forward(ctx, x, seed, prob, stats, coef, rate, config):
+        _setup_context(ctx, (x, seed, prob, stats, coef, rate, config), None)
+        return _launch_apply(x, seed, prob, stats, coef, rate, config)
+
+    @staticmethod
+    def backward(ctx, grad):
+        seed, prob, stats = ctx.saved_tensors
+        return _launch_grad(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides), *([None] * 6)
 
 
 def distort(
@@ -347,8 +370,13 @@ def distort(
     config = list(_Config(kh, kw, int(block), int(block and shared_mask), int(exact), rate_from, window, int(signed),
                           int(k_max is not None)))
     seed = torch.randint(0, 2 ** 31 - 1, (1,), device=xc.device, **generator_kwargs(generator))
-    stats_fn, apply_fn = (_stats_op, _apply_op) if report is None else (
-        functools.partial(_launch_stats, report=report), functools.partial(_launch_apply, report=report))
+    if report is not None:
+        stats_fn, apply_fn = (functools.partial(_launch_stats, report=report),
+                              functools.partial(_launch_apply, report=report))
+    elif torch.compiler.is_compiling():
+        stats_fn, apply_fn = _stats_op, _apply_op
+    else:
+        stats_fn, apply_fn = _launch_stats, _EagerApply.apply
     stats, coef = stats_fn(xc.detach(), seed, prob_t, k_max, rate, gamma, w_factor, config)
     if exact:
         with torch.autocast(xc.device.type, enabled=False):

@@ -3,7 +3,8 @@
     python -m timm_fmd.ops.kernel_resources            # sm_90 (H100/H200): one row per kernel and shape
 
 Each kernel is compiled by Triton for ``GPUTarget('cuda', capability, 32)`` with the tiles that
-:func:`timm_fmd.ops.fused.plan` picks on a GPU, for the benchmark shapes; ``ptxas -v`` (shipped with Triton)
+:func:`timm_fmd.ops.fused.plan` picks on a GPU and the JIT's specialisation of the launch's integers, for the
+benchmark shapes, contiguous and channels_last, per-channel and shared masks; ``ptxas -v`` (shipped with Triton)
 reports registers and spill stores/loads of the PTX. A kernel that only the interpreter accepts fails here.
 Run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels by Python functions).
 """
@@ -13,7 +14,8 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Dict, List
+import itertools
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import kernels
 from .fused import num_warps, plan
@@ -53,30 +55,62 @@ def _ptxas_usage(ptx: str, arch: str) -> Dict[str, int]:
                 spill_loads=int(loads.group(1)) if loads else 0)
 
 
+def _specialise(fn, values: Dict[str, int], constexprs: Dict[str, object]) -> Tuple[Dict[str, object], dict]:
+    """Triton's JIT specialisation of a launch: integer arguments equal to 1 become constants, pointers and
+    integers divisible by 16 get ``tt.divisibility`` -- the layouts, and the code generator's failures, depend
+    on it (Triton 3.6 failed to lower a channels_last scan only with the strides' divisibility known)."""
+    constexprs = dict(constexprs, **{n: 1 for n, v in values.items() if v == 1 and n in fn.arg_names})
+    attrs = {(i,): [['tt.divisibility', 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs and (
+        n.endswith('_ptr') or n.endswith('_rep') or (n in values and values[n] % 16 == 0))}
+    return constexprs, attrs
+
+
 def compile_kernel(fn, types: Dict[str, str], constexprs: Dict[str, object], capability: int = 90,
-                   warps: int = 4) -> Dict[str, int]:
-    """Compile ``fn`` for ``sm_<capability>`` and return its registers and spill bytes (``ptxas -v``)."""
+                   warps: int = 4, values: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Compile ``fn`` for ``sm_<capability>`` as a launch with the integer arguments ``values`` would be
+    specialised, and return its registers and spill bytes (``ptxas -v``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError('the kernels are interpreted (TRITON_INTERPRET is set): compile them in a fresh process')
-    src = ASTSource(fn, _signature(fn, types, constexprs), constexprs)
+    constexprs, attrs = _specialise(fn, values or {}, constexprs)
+    src = ASTSource(fn, _signature(fn, types, constexprs), constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget('cuda', capability, 32), options={'num_warps': warps})
     arch = re.search(r'\.target\s+(sm_\w+)', compiled.asm['ptx']).group(1)
     return _ptxas_usage(compiled.asm['ptx'], arch)
 
 
-def kernel_resources(capability: int = 90, shapes=SHAPES, block_size: int = 7) -> List[dict]:
-    """Registers and spills of every kernel of the fused path for ``shapes`` (bf16, channels_last, 132 SMs)."""
+def _launch_values(shape: Tuple[int, int, int, int], channels_last: bool, tiles, kh: int, kw: int) -> Dict[str, int]:
+    """The integer arguments of a launch on a contiguous or channels_last ``(B, C, H, W)`` map (input and output
+    strides alike), as :mod:`timm_fmd.ops.fused` passes them."""
+    batch, channels, height, width = shape
+    if channels_last:
+        strides = (height * width * channels, 1, width * channels, channels)
+    else:
+        strides = (channels * height * width, height * width, width, 1)
+    values = dict(B=batch, C=channels, H=height, W=width, b_chunk=tiles.b_chunk, n_ht=tiles.n_ht, n_wt=tiles.n_wt,
+                  KH=kh, KW=kw)
+    for prefix in ('sx', 'so', 'sg', 'sd'):
+        values.update(zip((prefix + a for a in 'bchw'), strides))
+    return values
+
+
+def kernel_resources(capability: int = 90, shapes=SHAPES, block_size: int = 7,
+                     layouts: Sequence[bool] = (True,), shared: Sequence[bool] = (False,)) -> List[dict]:
+    """Registers and spills of every kernel of the fused path for ``shapes`` (bf16, 132 SMs), channels_last
+    and/or contiguous (``layouts``), per-channel and/or shared block masks (``shared``)."""
     rows = []
-    for shape in shapes:
+    for shape, channels_last, shared_mask in itertools.product(shapes, layouts, shared):
         height, width = shape[2], shape[3]
         block = height > 1
+        if shared_mask and not block:
+            continue  # tokens: element masks, never shared
         kh, kw = (min(block_size, height), min(block_size, width)) if block else (1, 1)
-        tiles = plan(shape, 1, kh, kw, gpu=True, programs=4 * 132)
-        mask = dict(BLOCK=block, SHARED=False, RATE_FROM=2, TABLE_SIZE=RATE_TABLE_SIZE, BC=tiles.bc, TH=tiles.th,
-                    TW=tiles.tw)
+        tiles = plan(shape, 1 if channels_last else height * width, kh, kw, gpu=True, programs=4 * 132)
+        values = _launch_values(shape, channels_last, tiles, kh, kw)
+        mask = dict(BLOCK=block, SHARED=shared_mask, RATE_FROM=2, TABLE_SIZE=RATE_TABLE_SIZE, BC=tiles.bc,
+                    TH=tiles.th, TW=tiles.tw)
         io = {'x_ptr': '*bf16', 'out_ptr': '*bf16', 'g_ptr': '*bf16', 'dx_ptr': '*bf16', 'seed_ptr': '*i64',
               'mask_rep': '*i8', 'seed_rep': '*i8'}
         variants = [
@@ -92,18 +126,23 @@ def kernel_resources(capability: int = 90, shapes=SHAPES, block_size: int = 7) -
             if name == 'finalize' and rows and any(r['kernel'] == 'finalize' for r in rows):
                 continue  # shape-independent
             warps = 4 if name == 'finalize' else num_warps(tiles)
-            usage = compile_kernel(fn, types, constexprs, capability, warps)
-            rows.append(dict(kernel=name, shape=shape, tile=(tiles.bc, tiles.th, tiles.tw), warps=warps, **usage))
+            usage = compile_kernel(fn, types, constexprs, capability, warps,
+                                   values=None if name == 'finalize' else values)
+            rows.append(dict(kernel=name, shape=shape, layout='channels_last' if channels_last else 'contiguous',
+                             mask='shared' if shared_mask else 'per-channel', tile=(tiles.bc, tiles.th, tiles.tw),
+                             warps=warps, **usage))
     return rows
 
 
 def main() -> None:
     import triton
-    print(f'triton {triton.__version__}, sm_90, bf16 channels_last, block 7, tiles from fused.plan')
-    print(f"{'kernel':<14} | {'shape':<20} | {'tile (C,H,W)':<14} | warps | regs | spill st | spill ld")
-    for r in kernel_resources():
-        print(f"{r['kernel']:<14} | {str(r['shape']):<20} | {str(r['tile']):<14} | {r['warps']:5d} | "
-              f"{r['registers']:4d} | {r['spill_stores']:8d} | {r['spill_loads']:8d}")
+    print(f'triton {triton.__version__}, sm_90, bf16, block 7, tiles from fused.plan')
+    print(f"{'kernel':<14} | {'shape':<20} | {'layout':<13} | {'mask':<11} | {'tile (C,H,W)':<14} | warps | regs | "
+          f"spill st | spill ld")
+    for r in kernel_resources(layouts=(True, False), shared=(False, True)):
+        print(f"{r['kernel']:<14} | {str(r['shape']):<20} | {r['layout']:<13} | {r['mask']:<11} | "
+              f"{str(r['tile']):<14} | {r['warps']:5d} | {r['registers']:4d} | {r['spill_stores']:8d} | "
+              f"{r['spill_loads']:8d}")
 
 
 if __name__ == '__main__':

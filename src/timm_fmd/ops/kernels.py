@@ -84,21 +84,29 @@ def _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, 
 
 
 @triton.jit
+def _grow(seeds, h, w, KH, KW, H_AXIS: tl.constexpr, W_AXIS: tl.constexpr):
+    """Block seeds grown into ``[i, i + KH) x [j, j + KW)``: two running-max scans (see the module docstring)."""
+    last_col = tl.associative_scan(tl.where(seeds, w, NO_SEED), W_AXIS, _maximum)
+    rows = last_col > w - KW  # a seed within the KW columns ending here, in this row
+    last_row = tl.associative_scan(tl.where(rows, h, NO_SEED), H_AXIS, _maximum)
+    return last_row > h - KH
+
+
+@triton.jit
 def _mask(key, rate, b, c, h, w, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr):
     """The distortion mask at ``(b, c, h, w)`` and the block seeds it grew from (``(1, TH, TW)`` when shared)."""
     if BLOCK:
         if SHARED:  # one seed field per sample, broadcast over the channels
-            cm = tl.zeros((1, 1, 1), dtype=tl.int32)
-            planes = 1
+            # grown as a 2-D (TH, TW) field: Triton 3.6 fails to lower a scan over a (1, TH, TW) block in a
+            # channels-fastest layout (ScanOpToLLVM assertion, sm_90)
+            h2 = tl.sum(h, 0)  # (TH, 1)
+            w2 = tl.sum(w, 0)  # (1, TW)
+            seeds2 = (h2 <= H - KH) & (w2 <= W - KW) & (tl.rand(key, (b * H + h2) * W + w2) < rate)
+            m = _grow(seeds2, h2, w2, KH, KW, 0, 1)[None, :, :]
+            seeds = seeds2[None, :, :]
         else:
-            cm = c
-            planes = C
-        valid = (h <= H - KH) & (w <= W - KW)
-        seeds = valid & (tl.rand(key, ((b * planes + cm) * H + h) * W + w) < rate)
-        last_col = tl.associative_scan(tl.where(seeds, w, NO_SEED), 2, _maximum)
-        rows = last_col > w - KW  # a seed within the KW columns ending here, in this row
-        last_row = tl.associative_scan(tl.where(rows, h, NO_SEED), 1, _maximum)
-        m = last_row > h - KH
+            seeds = (h <= H - KH) & (w <= W - KW) & (tl.rand(key, ((b * C + c) * H + h) * W + w) < rate)
+            m = _grow(seeds, h, w, KH, KW, 1, 2)
     else:
         seeds = tl.rand(key, ((b * C + c) * H + h) * W + w) < rate
         m = seeds
