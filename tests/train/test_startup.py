@@ -8,6 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+import timm_fmd
 from timm_fmd import cli
 from timm_fmd.train import fit
 from timm_fmd.train.config import save_config
@@ -142,3 +143,14 @@ def test_data_errors_are_raised_as_data_errors(tmp_path):
     with pytest.raises(DataError):
         fit(quick_config(data, tmp_path / 'out'))
     assert not (tmp_path / 'out' / 'run').exists()
+
+
+def test_a_misspelt_model_is_named_before_anything_is_read(tmp_path, capsys):
+    """The factory's message and suggestions, before the (missing) data is looked at or a directory written."""
+    with pytest.raises(ValueError) as factory_error:
+        timm_fmd.create_model('fmd_resnt18')
+    assert _cli('--data-dir', str(tmp_path / 'missing'), '--model', 'fmd_resnt18', '--output', str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err == f'timm-fmd train: error: --model: {factory_error.value}\n'
+    assert err.startswith("timm-fmd train: error: --model: unknown model 'fmd_resnt18'; did you mean fmd_resnet18, ")
+    assert list(tmp_path.iterdir()) == []

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import yaml
 from timm.optim import list_optimizers
 
+from ..factory import check_model_name
 from ..inject import FMDSettings
 
 __all__ = ['TrainConfig', 'load_yaml', 'config_from_dict', 'merge', 'validate', 'save_config', 'fmd_kwargs',
@@ -316,6 +317,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if choices and value is not None:
             _check(value in choices, name, value, f'one of {list(choices)}')
     _check(bool(cfg.model), 'model', cfg.model, 'a timm model name')
+    try:  # before any data is read or directory written: the factory's message, with its suggestions
+        check_model_name(cfg.model)
+    except ValueError as e:
+        raise ValueError(f'--model: {e}') from None
     _check(cfg.opt.lower() in list_optimizers(), 'opt', cfg.opt, 'a timm optimiser (timm.optim.list_optimizers())')
     for name in ('epochs', 'batch_size', 'grad_accum_steps', 'recount', 'log_interval', 'erc_batches'):
         _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), 'an integer >= 1')
