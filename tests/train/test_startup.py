@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import httpx2
 import pytest
 import timm
 import torch
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import save_file
 
 import timm_fmd
@@ -13,6 +15,7 @@ from timm_fmd import cli
 from timm_fmd.train import fit
 from timm_fmd.train.config import save_config
 from timm_fmd.train.data import DataError
+from timm_fmd.train.model import _hub_failure
 
 from .conftest import make_image_folder, quick_config
 
@@ -67,9 +70,16 @@ def test_unreachable_hub_for_pretrained_weights_then_a_local_file(tiny_data, tmp
     assert _cli(*args, '--pretrained', 'test_efficientnet.r160_in1k') == 2
     err = capsys.readouterr().err
     assert err.startswith('timm-fmd train: error: --pretrained: cannot get the weights of test_efficientnet '
-                          '(test_efficientnet.r160_in1k) from the Hugging Face Hub: ')
-    assert err.endswith('or pass a local weights file: --pretrained PATH\n')
+                          '(test_efficientnet.r160_in1k) from the Hugging Face Hub: LocalEntryNotFoundError: ')
+    assert err.endswith('. HF_HUB_OFFLINE is set, so only the local cache is searched, and it does not hold them: '
+                        'download them once with a connection and HF_HUB_OFFLINE unset, or pass a local weights file: '
+                        '--pretrained PATH\n')
+    assert 'set HF_HUB_OFFLINE=1' not in err and err.count('\n') == 1
     assert not (tmp_path / 'out' / 'run').exists()
+    # the bare flag: the weights the model name's tag selects, named once (no "(True)")
+    assert _cli(*args, '--model', 'test_efficientnet.r160_in1k', '--pretrained') == 2
+    assert capsys.readouterr().err.startswith('timm-fmd train: error: --pretrained: cannot get the weights of '
+                                              'test_efficientnet.r160_in1k from the Hugging Face Hub: ')
     torch.manual_seed(0)
     weights = tmp_path / 'weights.safetensors'
     save_file(timm.create_model('test_efficientnet', num_classes=1000).state_dict(), str(weights))
@@ -154,3 +164,21 @@ def test_a_misspelt_model_is_named_before_anything_is_read(tmp_path, capsys):
     assert err == f'timm-fmd train: error: --model: {factory_error.value}\n'
     assert err.startswith("timm-fmd train: error: --model: unknown model 'fmd_resnt18'; did you mean fmd_resnet18, ")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('error, advice', [
+    (LocalEntryNotFoundError('An error happened while trying to locate the file on the Hub and we cannot find the '
+                             'requested files in the local cache.'),
+     'The Hub cannot be reached and the local cache does not hold them: check the connection (and HF_ENDPOINT)'),
+    (HfHubHTTPError('404 Client Error.', response=httpx2.Response(404, request=httpx2.Request('HEAD', 'http://hub'))),
+     'The Hub answered HTTP 404: check the name (timm.list_pretrained()) and, for a private or gated repository, '
+     'HF_TOKEN'),
+])
+def test_the_hub_failure_advice_fits_the_situation(monkeypatch, error, advice):
+    """Online, the client falls back to its cache by itself: the advice is never to set HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    message = _hub_failure('fmd_resnet50.a1_in1k', True, error)
+    first = str(error).rstrip('.')
+    assert message == (f'--pretrained: cannot get the weights of fmd_resnet50.a1_in1k from the Hugging Face Hub: '
+                       f'{type(error).__name__}: {first}. {advice}, or pass a local weights file: --pretrained PATH')
