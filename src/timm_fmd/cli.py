@@ -10,7 +10,7 @@ with :func:`command` together with its options. Adding a command is adding one s
         return 0
 
 User errors (``ValueError``, ``FileNotFoundError``, a diverged loss's ``FloatingPointError``) print one line and
-exit with status 2.
+exit with status 2; Ctrl-C prints one line (for ``train``: how to continue) and exits with status 130.
 """
 from __future__ import annotations
 
@@ -95,6 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f'timm-fmd {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (train's says how to go on), the shell's status for SIGINT
+        print(f'timm-fmd {args.command}: {str(e) or "interrupted"}', file=sys.stderr)
+        return 130
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,11 @@
 """A start that fails leaves nothing that blocks a rerun, and each error's advice works when followed
 (every test below does what the message says and checks that the run then goes through)."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import httpx2
 import pytest
@@ -12,7 +16,7 @@ from safetensors.torch import save_file
 
 import timm_fmd
 from timm_fmd import cli
-from timm_fmd.train import fit
+from timm_fmd.train import fit, loop
 from timm_fmd.train.config import save_config
 from timm_fmd.train.data import DataError
 from timm_fmd.train.model import _hub_failure
@@ -182,3 +186,57 @@ def test_the_hub_failure_advice_fits_the_situation(monkeypatch, error, advice):
     first = str(error).rstrip('.')
     assert message == (f'--pretrained: cannot get the weights of fmd_resnet50.a1_in1k from the Hugging Face Hub: '
                        f'{type(error).__name__}: {first}. {advice}, or pass a local weights file: --pretrained PATH')
+
+
+def test_interrupted_after_a_checkpoint_then_the_resume_advice(tiny_data, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt raised where SIGINT would land) after epoch 1's checkpoint: one line, status 130,
+    the run kept; the command it gives finishes the run."""
+    end_epoch = loop._end_epoch
+
+    def end_then_interrupt(run, pos, epoch, row):
+        end_epoch(run, pos, epoch, row)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, '_end_epoch', end_then_interrupt)
+    assert _cli(*_quick_args(tiny_data, tmp_path, '--epochs', '2')) == 130
+    run_dir = tmp_path / 'run'
+    assert capsys.readouterr().err == (f'timm-fmd train: interrupted; continue the run from its last checkpoint with '
+                                       f'`timm-fmd train --resume {run_dir}`\n')
+    monkeypatch.setattr(loop, '_end_epoch', end_epoch)
+    assert _cli('--resume', str(run_dir)) == 0  # the advice
+    assert json.loads((run_dir / 'results.json').read_text())['global_steps'] == 12
+
+
+def test_interrupted_before_the_first_checkpoint_then_the_same_command(tiny_data, tmp_path, capsys, monkeypatch):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, 'train_one_epoch', interrupt)
+    args = _quick_args(tiny_data, tmp_path)
+    assert _cli(*args) == 130
+    assert capsys.readouterr().err == ('timm-fmd train: interrupted before the first checkpoint, so nothing was kept; '
+                                       'run the same command again to start afresh\n')
+    assert not (tmp_path / 'run').exists()
+    monkeypatch.undo()
+    assert _cli(*args) == 0  # the advice
+
+
+def test_sigint_prints_one_line_and_exits_130(tmp_path):
+    """A real Ctrl-C to `python -m timm_fmd train` once a checkpoint exists (a step line is printed after it)."""
+    proc = subprocess.Popen([sys.executable, '-m', 'timm_fmd', 'train', '--model', 'test_efficientnet', '--img-size',
+                             '16', '--epochs', '50', '-j', '0', '--log-interval', '1', '--checkpoint-interval', '1',
+                             '--output', str(tmp_path), '--experiment', 'run'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TIMM_FMD_CACHE=str(tmp_path / 'cache'), OMP_NUM_THREADS='1'))
+    try:
+        for line in proc.stdout:
+            if line.startswith('epoch 1/50 [2/'):  # step 1's checkpoint is written before step 2 is reported
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err == (f"timm-fmd train: interrupted; continue the run from its last checkpoint with "
+                   f"`timm-fmd train --resume {tmp_path / 'run'}`\n")
+    assert (tmp_path / 'run' / 'checkpoints' / 'last.state.pt').is_file()
