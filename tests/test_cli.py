@@ -42,7 +42,9 @@ def test_user_errors_print_one_line_and_exit_2(capsys, tmp_path):
     assert cli.main(['train', '--epochs', '0', '--output', str(tmp_path)]) == 2
     assert capsys.readouterr().err == 'timm-fmd train: error: --epochs: got 0, expected an integer >= 1\n'
     assert cli.main(['eval', '--checkpoint', str(tmp_path / 'x.safetensors')]) == 2
-    assert 'config.yaml' in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"timm-fmd eval: error: --checkpoint: {tmp_path / 'x.safetensors'} does not "
+                                       f"exist; expected a run directory (evaluated at its checkpoints/best.safetensors)"
+                                       f" or RUN_DIR/checkpoints/<best|last>.safetensors\n")
 
 
 def test_train_and_eval_end_to_end_through_python_m(tmp_path):
@@ -119,3 +121,5 @@ def test_erc_of_a_saved_run(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == 'ERC at batch size 32 (2 batches x 16 draws)'
     assert out[1].startswith('stages.2.0.conv2') and ' +- ' in out[1]  # the layers after the FMD sites
+    assert cli.main(['erc', '--checkpoint', str(tmp_path / 'run'), '--batches', '2', '--draws', '16']) == 0
+    assert capsys.readouterr().out.splitlines() == out  # a run directory: its best checkpoint

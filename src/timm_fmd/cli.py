@@ -69,7 +69,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 @command('eval', 'evaluate a saved checkpoint on its run\'s validation (or training) split',
-         arg('--checkpoint', required=True, help='RUN_DIR/checkpoints/<best|last>.safetensors'),
+         arg('--checkpoint', required=True, help='RUN_DIR (its checkpoints/best.safetensors) or '
+                                               'RUN_DIR/checkpoints/<best|last>.safetensors'),
          arg('--data-dir', help='the data (default: the data the run was trained on)'),
          arg('-b', '--batch-size', type=int, help='batch size (default: the run\'s validation batch size)'),
          arg('-j', '--workers', type=int, help='data loader workers (default: the run\'s)'),
@@ -170,7 +171,8 @@ def publish(args: argparse.Namespace) -> int:
 
 
 @command('erc', 'estimate the empirical Rademacher complexity of a saved run\'s layers on its validation split',
-         arg('--checkpoint', required=True, help='RUN_DIR/checkpoints/<best|last>.safetensors'),
+         arg('--checkpoint', required=True, help='RUN_DIR (its checkpoints/best.safetensors) or '
+                                               'RUN_DIR/checkpoints/<best|last>.safetensors'),
          arg('--data-dir', help='the data (default: the data the run was trained on)'),
          arg('--layers', nargs='+', help='module paths (default: the layers after the FMD sites)'),
          arg('--batches', type=int, default=8, help='validation batches to average over'),

@@ -240,3 +240,29 @@ def test_sigint_prints_one_line_and_exits_130(tmp_path):
     assert err == (f"timm-fmd train: interrupted; continue the run from its last checkpoint with "
                    f"`timm-fmd train --resume {tmp_path / 'run'}`\n")
     assert (tmp_path / 'run' / 'checkpoints' / 'last.state.pt').is_file()
+
+
+def test_eval_takes_a_run_directory_and_names_what_it_expects(tiny_data, tmp_path, capsys):
+    assert _cli(*_quick_args(tiny_data, tmp_path)) == 0
+    run_dir = tmp_path / 'run'
+    capsys.readouterr()
+    assert cli.main(['eval', '--checkpoint', str(run_dir)]) == 0
+    from_dir = json.loads(capsys.readouterr().out)
+    assert cli.main(['eval', '--checkpoint', str(run_dir / 'checkpoints' / 'best.safetensors')]) == 0
+    assert json.loads(capsys.readouterr().out) == from_dir  # the same file, reported by its path
+    assert from_dir['checkpoint'] == str(run_dir / 'checkpoints' / 'best.safetensors')
+    expected = ('expected a run directory (evaluated at its checkpoints/best.safetensors) or '
+                'RUN_DIR/checkpoints/<best|last>.safetensors\n')
+    assert cli.main(['eval', '--checkpoint', str(tmp_path)]) == 2  # the output folder, one level too high
+    assert capsys.readouterr().err == (f'timm-fmd eval: error: --checkpoint: {tmp_path} is not a run directory (it '
+                                       f'has no config.yaml); {expected}')
+    stray = shutil.copyfile(run_dir / 'checkpoints' / 'best.safetensors', tmp_path / 'best.safetensors')
+    assert cli.main(['erc', '--checkpoint', str(stray)]) == 2
+    assert capsys.readouterr().err == (
+        f'timm-fmd erc: error: --checkpoint: {stray} is not a .safetensors file in the checkpoints/ folder of a run '
+        f'directory (whose config.yaml rebuilds the model and transforms); {expected}')
+    (run_dir / 'checkpoints' / 'best.safetensors').unlink()  # as before the first validation
+    assert cli.main(['eval', '--checkpoint', str(run_dir)]) == 2
+    assert capsys.readouterr().err == (
+        f"timm-fmd eval: error: --checkpoint: {run_dir} has no checkpoints/best.safetensors yet (written when its first "
+        f"epoch is validated); its latest weights: --checkpoint {run_dir / 'checkpoints' / 'last.safetensors'}\n")
