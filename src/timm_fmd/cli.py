@@ -155,7 +155,8 @@ def describe(args: argparse.Namespace) -> int:
          arg('--allow', action='append', default=[], metavar='TEXT',
              help='a string the leak check may publish after all, e.g. a class name equal to your user name '
                   '(repeatable)'),
-         arg('--overwrite', action='store_true', help='replace a non-empty --out-dir'))
+         arg('--overwrite', action='store_true', help='replace a non-empty --out-dir (without it only the source itself '
+                                                      'is replaced: a published FOLDER rendered again in place)'))
 def publish(args: argparse.Namespace) -> int:
     # The token comes from HF_TOKEN or the login cache only: no --token flag to leak into `ps` output.
     from .hub import PublishError, publish as publish_run
