@@ -1,5 +1,6 @@
 """A start that fails leaves nothing that blocks a rerun, and each error's advice works when followed
 (every test below does what the message says and checks that the run then goes through)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -266,3 +267,47 @@ def test_eval_takes_a_run_directory_and_names_what_it_expects(tiny_data, tmp_pat
     assert capsys.readouterr().err == (
         f"timm-fmd eval: error: --checkpoint: {run_dir} has no checkpoints/best.safetensors yet (written when its first "
         f"epoch is validated); its latest weights: --checkpoint {run_dir / 'checkpoints' / 'last.safetensors'}\n")
+
+
+def test_data_on_device_says_where_the_crop_mode_came_from(tiny_data, tmp_path, capsys):
+    """rrc is the folder default: the refusal says so and what to pass; that option then goes through."""
+    args = _quick_args(tiny_data, tmp_path, '--data-on-device')
+    assert _cli(*args) == 2
+    assert capsys.readouterr().err == (
+        "timm-fmd train: error: --train-crop-mode: got 'rrc' (the default), which --data-on-device does not support "
+        "(images are stored at the input size: only the pad crop mode); pass --train-crop-mode pad\n")
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('train_crop_mode: rkrc\nreprob: 0.25\n')
+    assert _cli('-c', str(recipe), *args) == 2
+    assert capsys.readouterr().err == (  # the first refused option, from the recipe
+        f"timm-fmd train: error: --reprob: got 0.25 (set by {recipe}), which --data-on-device does not support (no "
+        f"batched random erasing on the device); pass --reprob 0\n")
+    assert _cli(*args, '--train-crop-mode', 'rrc') == 2  # typed: no origin to name
+    assert "--train-crop-mode: got 'rrc', which --data-on-device" in capsys.readouterr().err
+    assert _cli(*args, '--train-crop-mode', 'pad') == 0  # the advice
+
+
+def test_a_published_recipe_needs_the_data_and_weights_given(tiny_data, tmp_path, capsys):
+    """A published train_config.yaml names the data set and 'a local weights file' instead of paths: the error says
+    so and gives the command, which then trains."""
+    recipe = tmp_path / 'published' / 'train_config.yaml'
+    recipe.parent.mkdir()
+    fields = quick_config(tiny_data, tmp_path, data_dir='a local image folder', pretrained='a local weights file')
+    recipe.write_text(save_config(fields))
+    assert _cli('-c', str(recipe)) == 2
+    assert capsys.readouterr().err == (
+        f"timm-fmd train: error: --data-dir: {recipe} sets data_dir 'a local image folder', which does not exist here "
+        f"(a published train_config.yaml names the data set, not a local path); give your copy of the data: "
+        f"`timm-fmd train -c {recipe} --data-dir YOUR_COPY`\n")
+    assert not (tmp_path / 'run').exists()
+    assert _cli('-c', str(recipe), '--data-dir', str(tiny_data)) == 2  # the advice; then the weights
+    assert capsys.readouterr().err == (
+        f"timm-fmd train: error: --pretrained: {recipe} sets pretrained 'a local weights file', which is not a "
+        f"weights file here, an hf-hub:org/repo source or a timm arch.tag (a published train_config.yaml does not "
+        f"name local files); give the weights: `timm-fmd train -c {recipe} --pretrained PATH`, or start from scratch: "
+        f"--pretrained false\n")
+    assert _cli('-c', str(recipe), '--data-dir', str(tiny_data), '--pretrained', 'false') == 0  # that advice
+    recipe.write_text(save_config(dataclasses.replace(fields, data_dir=str(tiny_data),
+                                                      pretrained='<local path removed>')))
+    assert _cli('-c', str(recipe), '--experiment', 'again') == 2
+    assert f"--pretrained: {recipe} sets pretrained '<local path removed>', which" in capsys.readouterr().err
