@@ -10,7 +10,7 @@ import termios
 
 import pytest
 
-from timm_fmd import cli
+from timm_fmd import FMDSettings, cli
 
 
 def test_commands_and_help(capsys):
@@ -104,7 +104,14 @@ def test_describe_prints_the_site_table(capsys):
     assert lines[-1].startswith('expected: ') and 'last: the fraction it distorted in its last training forward' in \
         lines[-1]
     assert cli.main(['describe', 'resnet18', '--input-size', '3', '64', '64']) == 0  # no FMD asked for: off
-    assert capsys.readouterr().out == 'ResNet: no FMD sites (FMD is OFF)\n'
+    assert capsys.readouterr().out == ('ResNet: no FMD sites (FMD is OFF)\nresnet18 is a plain timm name: `timm-fmd '
+                                       'describe fmd_resnet18` (or any --fmd-* option) shows where FMD goes, with the '
+                                       'registry\'s defaults for the options left unset\n')
+    assert cli.main(['describe', 'fmd_resnet18']) == 0  # the advice: the registry's defaults
+    twin = capsys.readouterr().out
+    assert twin.startswith('ResNet: 14 FMD sites at input (3, 224, 224), ramp 0/0 steps, gamma=1.0\n')
+    assert cli.main(['describe', 'resnet18', '--fmd-prob', str(FMDSettings().prob)]) == 0  # an --fmd-* option
+    assert capsys.readouterr().out == twin  # at its default value: the same sites as the twin
     assert cli.main(['describe', 'resnet5O']) == 2
     assert 'did you mean resnet50' in capsys.readouterr().err
 

@@ -128,7 +128,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 @command('describe', 'show every FMD site of a model: module, kind, shape, probability, block, next layer',
          _add_model_options)
 def describe(args: argparse.Namespace) -> int:
-    from . import create_model, describe as site_table
+    from . import create_model, describe as site_table, fmd_ops
     kwargs = {k: v for k, v in vars(args).items() if k.startswith('fmd_') and v is not None}
     if args.input_size and (kwargs or args.model.startswith('fmd_')):  # probe at that size; FMD stays off otherwise
         kwargs['fmd_input_size'] = tuple(args.input_size)
@@ -136,7 +136,22 @@ def describe(args: argparse.Namespace) -> int:
         kwargs['num_classes'] = args.num_classes
     model = create_model(args.model, **kwargs)
     print(site_table(model, input_size=tuple(args.input_size) if args.input_size else None))
+    if not fmd_ops(model):
+        print(_how_to_see_sites(args.model))
     return 0
+
+
+def _how_to_see_sites(model_name: str) -> str:
+    """For a model built without FMD: the name (or option) that shows its sites. A plain name means no FMD, in
+    describe as in train and create_model; its fmd_ twin or any --fmd-* option turns FMD on at the defaults."""
+    from timm.models import is_model, parse_model_name, split_model_name_tag
+    from .registry import PREFIX
+    source, model_id = parse_model_name(model_name)
+    arch = split_model_name_tag(model_id)[0]
+    if source is None and not arch.startswith(PREFIX) and is_model(PREFIX + arch):
+        return (f"{model_name} is a plain timm name: `timm-fmd describe {PREFIX}{model_id}` (or any --fmd-* option) "
+                f"shows where FMD goes, with the registry's defaults for the options left unset")
+    return "any --fmd-* option shows where FMD goes, with the registry's defaults for the options left unset"
 
 
 @command('publish', 'publish a run to the Hugging Face Hub as a timm model (--out-dir: write the folder only)',
