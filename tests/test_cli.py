@@ -10,7 +10,7 @@ import termios
 
 import pytest
 
-from timm_fmd import cli
+from timm_fmd import FMDSettings, cli
 
 
 def test_commands_and_help(capsys):
@@ -42,7 +42,9 @@ def test_user_errors_print_one_line_and_exit_2(capsys, tmp_path):
     assert cli.main(['train', '--epochs', '0', '--output', str(tmp_path)]) == 2
     assert capsys.readouterr().err == 'timm-fmd train: error: --epochs: got 0, expected an integer >= 1\n'
     assert cli.main(['eval', '--checkpoint', str(tmp_path / 'x.safetensors')]) == 2
-    assert 'config.yaml' in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"timm-fmd eval: error: --checkpoint: {tmp_path / 'x.safetensors'} does not "
+                                       f"exist; expected a run directory (evaluated at its checkpoints/best.safetensors)"
+                                       f" or RUN_DIR/checkpoints/<best|last>.safetensors\n")
 
 
 def test_train_and_eval_end_to_end_through_python_m(tmp_path):
@@ -102,7 +104,14 @@ def test_describe_prints_the_site_table(capsys):
     assert lines[-1].startswith('expected: ') and 'last: the fraction it distorted in its last training forward' in \
         lines[-1]
     assert cli.main(['describe', 'resnet18', '--input-size', '3', '64', '64']) == 0  # no FMD asked for: off
-    assert capsys.readouterr().out == 'ResNet: no FMD sites (FMD is OFF)\n'
+    assert capsys.readouterr().out == ('ResNet: no FMD sites (FMD is OFF)\nresnet18 is a plain timm name: `timm-fmd '
+                                       'describe fmd_resnet18` (or any --fmd-* option) shows where FMD goes, with the '
+                                       'registry\'s defaults for the options left unset\n')
+    assert cli.main(['describe', 'fmd_resnet18']) == 0  # the advice: the registry's defaults
+    twin = capsys.readouterr().out
+    assert twin.startswith('ResNet: 14 FMD sites at input (3, 224, 224), ramp 0/0 steps, gamma=1.0\n')
+    assert cli.main(['describe', 'resnet18', '--fmd-prob', str(FMDSettings().prob)]) == 0  # an --fmd-* option
+    assert capsys.readouterr().out == twin  # at its default value: the same sites as the twin
     assert cli.main(['describe', 'resnet5O']) == 2
     assert 'did you mean resnet50' in capsys.readouterr().err
 
@@ -119,3 +128,5 @@ def test_erc_of_a_saved_run(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == 'ERC at batch size 32 (2 batches x 16 draws)'
     assert out[1].startswith('stages.2.0.conv2') and ' +- ' in out[1]  # the layers after the FMD sites
+    assert cli.main(['erc', '--checkpoint', str(tmp_path / 'run'), '--batches', '2', '--draws', '16']) == 0
+    assert capsys.readouterr().out.splitlines() == out  # a run directory: its best checkpoint

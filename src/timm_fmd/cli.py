@@ -10,7 +10,7 @@ with :func:`command` together with its options. Adding a command is adding one s
         return 0
 
 User errors (``ValueError``, ``FileNotFoundError``, a diverged loss's ``FloatingPointError``) print one line and
-exit with status 2.
+exit with status 2; Ctrl-C prints one line (for ``train``: how to continue) and exits with status 130.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 @command('eval', 'evaluate a saved checkpoint on its run\'s validation (or training) split',
-         arg('--checkpoint', required=True, help='RUN_DIR/checkpoints/<best|last>.safetensors'),
+         arg('--checkpoint', required=True, help='RUN_DIR (its checkpoints/best.safetensors) or '
+                                               'RUN_DIR/checkpoints/<best|last>.safetensors'),
          arg('--data-dir', help='the data (default: the data the run was trained on)'),
          arg('-b', '--batch-size', type=int, help='batch size (default: the run\'s validation batch size)'),
          arg('-j', '--workers', type=int, help='data loader workers (default: the run\'s)'),
@@ -95,6 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f'timm-fmd {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (train's says how to go on), the shell's status for SIGINT
+        print(f'timm-fmd {args.command}: {str(e) or "interrupted"}', file=sys.stderr)
+        return 130
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +128,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 @command('describe', 'show every FMD site of a model: module, kind, shape, probability, block, next layer',
          _add_model_options)
 def describe(args: argparse.Namespace) -> int:
-    from . import create_model, describe as site_table
+    from . import create_model, describe as site_table, fmd_ops
     kwargs = {k: v for k, v in vars(args).items() if k.startswith('fmd_') and v is not None}
     if args.input_size and (kwargs or args.model.startswith('fmd_')):  # probe at that size; FMD stays off otherwise
         kwargs['fmd_input_size'] = tuple(args.input_size)
@@ -132,7 +136,22 @@ def describe(args: argparse.Namespace) -> int:
         kwargs['num_classes'] = args.num_classes
     model = create_model(args.model, **kwargs)
     print(site_table(model, input_size=tuple(args.input_size) if args.input_size else None))
+    if not fmd_ops(model):
+        print(_how_to_see_sites(args.model))
     return 0
+
+
+def _how_to_see_sites(model_name: str) -> str:
+    """For a model built without FMD: the name (or option) that shows its sites. A plain name means no FMD, in
+    describe as in train and create_model; its fmd_ twin or any --fmd-* option turns FMD on at the defaults."""
+    from timm.models import is_model, parse_model_name, split_model_name_tag
+    from .registry import PREFIX
+    source, model_id = parse_model_name(model_name)
+    arch = split_model_name_tag(model_id)[0]
+    if source is None and not arch.startswith(PREFIX) and is_model(PREFIX + arch):
+        return (f"{model_name} is a plain timm name: `timm-fmd describe {PREFIX}{model_id}` (or any --fmd-* option) "
+                f"shows where FMD goes, with the registry's defaults for the options left unset")
+    return "any --fmd-* option shows where FMD goes, with the registry's defaults for the options left unset"
 
 
 @command('publish', 'publish a run to the Hugging Face Hub as a timm model (--out-dir: write the folder only)',
@@ -151,7 +170,8 @@ def describe(args: argparse.Namespace) -> int:
          arg('--allow', action='append', default=[], metavar='TEXT',
              help='a string the leak check may publish after all, e.g. a class name equal to your user name '
                   '(repeatable)'),
-         arg('--overwrite', action='store_true', help='replace a non-empty --out-dir'))
+         arg('--overwrite', action='store_true', help='replace a non-empty --out-dir (without it only the source itself '
+                                                      'is replaced: a published FOLDER rendered again in place)'))
 def publish(args: argparse.Namespace) -> int:
     # The token comes from HF_TOKEN or the login cache only: no --token flag to leak into `ps` output.
     from .hub import PublishError, publish as publish_run
@@ -167,7 +187,8 @@ def publish(args: argparse.Namespace) -> int:
 
 
 @command('erc', 'estimate the empirical Rademacher complexity of a saved run\'s layers on its validation split',
-         arg('--checkpoint', required=True, help='RUN_DIR/checkpoints/<best|last>.safetensors'),
+         arg('--checkpoint', required=True, help='RUN_DIR (its checkpoints/best.safetensors) or '
+                                               'RUN_DIR/checkpoints/<best|last>.safetensors'),
          arg('--data-dir', help='the data (default: the data the run was trained on)'),
          arg('--layers', nargs='+', help='module paths (default: the layers after the FMD sites)'),
          arg('--batches', type=int, default=8, help='validation batches to average over'),

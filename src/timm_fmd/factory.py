@@ -22,7 +22,21 @@ from .inject import apply_fmd
 from .registry import PREFIX
 from .ops.schedule import set_schedule_step
 
-__all__ = ['create_model']
+__all__ = ['create_model', 'check_model_name']
+
+
+def check_model_name(model_name: str) -> str:
+    """``model_name`` if timm can build it (a registered architecture, with or without a ``.tag``; ``hf-hub:`` and
+    ``local-dir:`` names are not checked here); otherwise a ``ValueError`` naming the closest registered names."""
+    source, model_id = parse_model_name(model_name)
+    if source in ('hf-hub', 'local-dir'):
+        return model_name
+    arch, _ = split_model_name_tag(model_id)
+    if not is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models()'
+        raise ValueError(f'unknown model {model_name!r}{hint}')
+    return model_name
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -39,11 +53,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
             if recorded and steps:
                 set_schedule_step(model, steps)
         return model
+    check_model_name(model_name)
     arch, _ = split_model_name_tag(model_id)
-    if not is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-        hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models()'
-        raise ValueError(f'unknown model {model_name!r}{hint}')
     if fmd and not arch.startswith(PREFIX) and is_model(PREFIX + arch):
         model_name, arch = PREFIX + model_name, PREFIX + arch  # the twin puts FMD in as every build option needs
     model = timm.create_model(model_name, pretrained=pretrained, **({**kwargs, **fmd} if arch.startswith(PREFIX)

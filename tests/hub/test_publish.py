@@ -63,18 +63,34 @@ def test_dry_run_folder_loads_in_plain_timm(make_run, tmp_path):
     assert "timm.create_model('local-dir:" in (out / 'README.md').read_text()
 
 
-def test_out_dir_is_replaced_only_when_ours_or_asked(make_run, tmp_path):
-    run_dir = make_run()
+def test_out_dir_is_replaced_only_when_asked_or_rendered_in_place(make_run, tmp_path):
+    """Nothing a user made is lost without overwrite: foreign files, an earlier publish (of this or another run).
+    The source itself, a published folder, is rendered again in place; a run being published is never replaced."""
+    run_dir, other = make_run(), make_run('other', seed=1)
     foreign = tmp_path / 'foreign'
     foreign.mkdir()
     (foreign / 'notes.txt').write_text('mine')
-    with pytest.raises(FileExistsError, match='not written by save_pretrained'):
+    with pytest.raises(FileExistsError) as error:
         save_pretrained(run_dir, foreign)
+    assert str(error.value) == (f"out_dir {str(foreign)!r} is not empty (it holds files); pass --overwrite (Python: "
+                                f"overwrite=True) to replace it, or choose another --out-dir")
     assert _listing(foreign) == ['notes.txt']
     save_pretrained(run_dir, foreign, overwrite=True)
     assert sorted(p.name for p in foreign.iterdir()) == sorted(REPO_FILES)
-    save_pretrained(run_dir / 'checkpoints' / 'last.safetensors', foreign)  # our own output: replaced
-    _assert_same_weights(timm.create_model(f'local-dir:{foreign}', pretrained=True), _weights(run_dir, 'last'))
+    before = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    with pytest.raises(FileExistsError, match=r'is not empty \(it holds an earlier publish\); pass --overwrite'):
+        save_pretrained(other, foreign)  # another run's publish is not replaced unasked
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
+    save_pretrained(foreign, foreign)  # the source itself: rendered again in place
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
+    save_pretrained(other / 'checkpoints' / 'last.safetensors', foreign, overwrite=True)  # asked
+    _assert_same_weights(timm.create_model(f'local-dir:{foreign}', pretrained=True), _weights(other, 'last'))
+    for out_dir in (run_dir, run_dir.parent):  # the run itself, or the folder holding it: refused even when asked
+        with pytest.raises(FileExistsError) as error:
+            save_pretrained(run_dir, out_dir, overwrite=True)
+        assert str(error.value) == (f'out_dir {str(out_dir)!r} is or holds the run {str(run_dir)!r} that is being '
+                                    f'published; choose another --out-dir (Python: out_dir=)')
+    assert (run_dir / 'checkpoints' / 'best.safetensors').is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ['foreign', 'runs']  # no staging or backup left
 
 
@@ -169,7 +185,9 @@ def test_overwrite_advice_from_the_command_line(make_run, tmp_path, capsys):
     (tmp_path / 'folder' / 'notes.txt').write_text('mine')
     args = ['publish', str(make_run()), '--out-dir', str(tmp_path / 'folder')]
     assert cli.main(args) == 1
-    assert 'pass --overwrite (Python: overwrite=True) to replace it' in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"timm-fmd publish: error: out_dir {str(tmp_path / 'folder')!r} is not empty "
+                                       f"(it holds files); pass --overwrite (Python: overwrite=True) to replace it, "
+                                       f"or choose another --out-dir\n")
     assert cli.main(args + ['--overwrite']) == 0  # the advice
 
 

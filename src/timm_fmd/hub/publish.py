@@ -154,6 +154,30 @@ def _is_our_output(folder: Path) -> bool:
         return False
 
 
+def _check_out_dir(out_dir: Path, run: RunRecord, baseline: RunRecord | None, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` whose contents would be lost without ``overwrite``, and one that is or holds a run
+    being published (even with ``overwrite``). The one folder replaced unasked is the source itself when it is a
+    published folder: rendering it again in place (``timm-fmd publish FOLDER --out-dir FOLDER``) loses nothing."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f'out_dir {str(out_dir)!r} exists and is not a directory')
+    target = out_dir.resolve()
+    in_place = (run.run_dir.resolve() == target and run.checkpoint.resolve() == target / 'model.safetensors'
+                and _is_our_output(target))  # only the files save_pretrained writes: the render replaces them
+    for record in (run, baseline):
+        if record is None or (record is run and in_place):
+            continue
+        source = record.run_dir.resolve()
+        if source == target or target in source.parents:
+            raise FileExistsError(f'out_dir {str(out_dir)!r} is or holds the run {str(record.run_dir)!r} that is '
+                                  'being published; choose another --out-dir (Python: out_dir=)')
+    if any(out_dir.iterdir()) and not overwrite and not in_place:
+        held = 'an earlier publish' if _is_our_output(out_dir) else 'files'
+        raise FileExistsError(f'out_dir {str(out_dir)!r} is not empty (it holds {held}); pass --overwrite (Python: '
+                              'overwrite=True) to replace it, or choose another --out-dir')
+
+
 def _readable_by_all(folder: Path) -> None:
     """Give the folder and its files the modes the umask allows: safetensors' writer creates 0600 files."""
     umask = os.umask(0)
@@ -175,8 +199,9 @@ def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, re
 
     Args:
         source: A RUN_DIR, or a ``.safetensors`` checkpoint inside one (default: results.json's checkpoint).
-        out_dir: The folder to create. An existing non-empty folder is replaced only if it is a previous output
-            of this function, or if ``overwrite`` is set.
+        out_dir: The folder to create. An existing non-empty folder is replaced only if ``overwrite`` is set, or
+            if it is ``source`` itself, a published folder rendered again in place. A folder that is or holds the
+            run (or ``baseline``) is refused.
         repo_id: The Hub id (``ORG/NAME``) the card's usage snippets load; without it they load the folder.
         revision: The branch of ``repo_id`` the snippets load (``hf-hub:ORG/NAME@revision``); default main.
         baseline: A RUN_DIR whose results the card reports beside this run's.
@@ -184,7 +209,7 @@ def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, re
         dataset: The Hugging Face Hub id of the data set (e.g. ``uoft-cs/cifar10``): listed in the card's
             metadata and naming the data in the published files. Default: no data set in the metadata, the data
             named ``digits`` (the embedded set) or ``a local image folder``.
-        overwrite: Replace a non-empty ``out_dir`` that save_pretrained did not write.
+        overwrite: Replace a non-empty ``out_dir`` (an earlier publish of any run, or anything else).
         allow: Strings the leak check lets through (e.g. a class name that equals the user name).
     """
     if dataset is not None:
@@ -198,12 +223,7 @@ def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, re
         raise ValueError(f'revision={revision!r} needs a repo_id')
     else:  # the folder's name, not its path: the card must not name this machine's directories
         model_id = f'local-dir:{out_dir.resolve().name}'
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f'out_dir {str(out_dir)!r} exists and is not a directory')
-        if any(out_dir.iterdir()) and not overwrite and not _is_our_output(out_dir):
-            raise FileExistsError(f'out_dir {str(out_dir)!r} is not empty and was not written by save_pretrained; '
-                                  'pass --overwrite (Python: overwrite=True) to replace it')
+    _check_out_dir(out_dir, run, baseline_run, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # build beside out_dir (same file system) so the final step is a rename: no reader sees a half-written folder
     staging = out_dir.with_name(f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp')

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
+from timm.models import split_model_name_tag
 from timm.optim import list_optimizers
 
+from ..factory import check_model_name
 from ..inject import FMDSettings
 
 __all__ = ['TrainConfig', 'load_yaml', 'config_from_dict', 'merge', 'validate', 'save_config', 'fmd_kwargs',
@@ -308,14 +310,21 @@ def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
         raise ValueError(f'{_opt(name)}: got {value!r}, expected {accepted}')
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every setting's range; raise ``ValueError`` naming the option. Returns ``cfg``."""
+def validate(cfg: TrainConfig, origins: Optional[Mapping[str, str]] = None) -> TrainConfig:
+    """Check every setting's range; raise ``ValueError`` naming the option. Returns ``cfg``.
+
+    ``origins`` (field -> e.g. ``'the default'``) says where a refused value came from when the user did not
+    type it (see :func:`config_from_args`)."""
     for name, f in _FIELDS.items():
         choices = f.metadata.get('choices')
         value = getattr(cfg, name)
         if choices and value is not None:
             _check(value in choices, name, value, f'one of {list(choices)}')
     _check(bool(cfg.model), 'model', cfg.model, 'a timm model name')
+    try:  # before any data is read or directory written: the factory's message, with its suggestions
+        check_model_name(cfg.model)
+    except ValueError as e:
+        raise ValueError(f'--model: {e}') from None
     _check(cfg.opt.lower() in list_optimizers(), 'opt', cfg.opt, 'a timm optimiser (timm.optim.list_optimizers())')
     for name in ('epochs', 'batch_size', 'grad_accum_steps', 'recount', 'log_interval', 'erc_batches'):
         _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), 'an integer >= 1')
@@ -361,37 +370,41 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(not any(k.startswith('fmd_') for k in cfg.model_kwargs), 'model_kwargs', cfg.model_kwargs,
            'no fmd_* keys (use the --fmd-* options)')
     _validate_fmd(cfg)
-    _validate_fast_paths(cfg)
+    _validate_fast_paths(cfg, origins or {})
     return cfg
 
 
-def _refuse(name: str, value: Any, option: str, reason: str) -> None:
-    raise ValueError(f'{_opt(name)}: got {value!r}, which {option} does not support ({reason})')
+def _refuse(name: str, value: Any, option: str, reason: str, origins: Mapping[str, str], fix: str = '') -> None:
+    origin = f' ({origins[name]})' if name in origins else ''
+    raise ValueError(f'{_opt(name)}: got {value!r}{origin}, which {option} does not support ({reason})'
+                     + (f'; pass {fix}' if fix else ''))
 
 
-def _validate_fast_paths(cfg: TrainConfig) -> None:
+def _validate_fast_paths(cfg: TrainConfig, origins: Mapping[str, str]) -> None:
     """Options that ``--data-on-device`` / ``--cuda-graph`` have no implementation of, refused by name."""
     if cfg.data_on_device and not cfg.no_aug:
-        unsupported = (('aa', cfg.aa is not None, 'no batched AutoAugment / RandAugment on the device'),
-                       ('reprob', cfg.reprob > 0, 'no batched random erasing on the device'),
-                       ('color_jitter', cfg.color_jitter > 0, 'no batched colour jitter on the device'),
+        unsupported = (('aa', cfg.aa is not None, 'no batched AutoAugment / RandAugment on the device', '--aa none'),
+                       ('reprob', cfg.reprob > 0, 'no batched random erasing on the device', '--reprob 0'),
+                       ('color_jitter', cfg.color_jitter > 0, 'no batched colour jitter on the device',
+                        '--color-jitter 0'),
                        ('train_crop_mode', cfg.train_crop_mode != 'pad',
-                        'images are stored at the input size: only the pad crop mode'))
-        for name, active, reason in unsupported:
+                        'images are stored at the input size: only the pad crop mode', '--train-crop-mode pad'))
+        for name, active, reason, fix in unsupported:
             if active:
-                _refuse(name, getattr(cfg, name), '--data-on-device', reason)
+                _refuse(name, getattr(cfg, name), '--data-on-device', reason, origins, fix)
     if cfg.data_on_device and cfg.skip_corrupt:
         _refuse('skip_corrupt', True, '--data-on-device', 'every image is decoded up front: fix or remove '
-                                                         'unreadable files, or train without --data-on-device')
+                                                         'unreadable files, or train without --data-on-device', origins)
     if cfg.cuda_graph:
         if cfg.grad_accum_steps != 1:
-            _refuse('grad_accum_steps', cfg.grad_accum_steps, '--cuda-graph', 'one captured step is one optimiser step')
+            _refuse('grad_accum_steps', cfg.grad_accum_steps, '--cuda-graph', 'one captured step is one optimiser step',
+                    origins, '--grad-accum-steps 1')
         if cfg.amp and cfg.amp_dtype == 'float16':
-            _refuse('amp_dtype', cfg.amp_dtype, '--cuda-graph', "the fp16 grad scaler reads its inf check on the "
-                                                                "host; use --amp-dtype bfloat16")
+            _refuse('amp_dtype', cfg.amp_dtype, '--cuda-graph', 'the fp16 grad scaler reads its inf check on the host',
+                    origins, '--amp-dtype bfloat16')
         if cfg.skip_corrupt:
             _refuse('skip_corrupt', True, '--cuda-graph', 'a skipped image changes the batch shape the graph '
-                                                          'was captured with')
+                                                          'was captured with', origins)
 
 
 def _validate_fmd(cfg: TrainConfig) -> None:
@@ -476,6 +489,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(*meta.get('flags', (_opt(name),)), **kwargs)
 
 
+def _check_recipe_sources(cfg: TrainConfig, origins: Mapping[str, str], recipe: str, command: str,
+                          published: bool) -> None:
+    """A recipe's data folder and weights file must exist here: a published ``train_config.yaml`` names the data
+    set and "a local weights file" instead of this machine's paths, so it needs ``--data-dir`` (``--pretrained``)."""
+    if 'data_dir' in origins and cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().exists():
+        raise FileNotFoundError(f'--data-dir: {recipe} sets data_dir {cfg.data_dir!r}, which does not exist here'
+                                + (' (a published train_config.yaml names the data set, not a local path)' if published
+                                   else '') + f'; give your copy of the data: `{command} --data-dir YOUR_COPY`')
+    source = cfg.pretrained
+    if 'pretrained' in origins and isinstance(source, str) and not source.startswith('hf-hub:') and \
+            not Path(source).expanduser().is_file() and not split_model_name_tag(source)[1]:
+        raise FileNotFoundError(f'--pretrained: {recipe} sets pretrained {source!r}, which is not a weights file here, '
+                                f'an hf-hub:org/repo source or a timm arch.tag'
+                                + (' (a published train_config.yaml does not name local files)' if published else '')
+                                + f'; give the weights: `{command} --pretrained PATH`, or start from scratch: '
+                                  f'--pretrained false')
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then a recipe, then the options given on the command line; validated.
 
@@ -492,12 +523,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not run_config.is_file():
             raise FileNotFoundError(f'--resume: {given["resume"]} has no config.yaml, so it is not a run directory '
                                     f'(timm-fmd train writes one when a run starts)')
-        base = load_yaml(run_config)
+        base, recipe, command = load_yaml(run_config), str(run_config), f'timm-fmd train --resume {given["resume"]}'
     elif args.config:
-        base = load_yaml(args.config)
+        base, recipe, command = load_yaml(args.config), args.config, f'timm-fmd train -c {args.config}'
     else:
         base = {} if 'data_dir' in given else load_yaml(DIGITS_RECIPE)
-    cfg = validate(merge(merge(TrainConfig(), base), given))
+        recipe, command = 'the embedded digits recipe', 'timm-fmd train'
+    origins = {k: f'set by {recipe}' if k in base else 'the default' for k in _FIELDS if k not in given}
+    cfg = validate(merge(merge(TrainConfig(), base), given), origins)
+    published = bool(args.config) and Path(args.config).name == 'train_config.yaml'  # the name publish gives it
+    _check_recipe_sources(cfg, origins, recipe, command, published)
     explicit_fmd = sorted(k for k in given if k.startswith('fmd_'))
     if explicit_fmd and not cfg.model.startswith('fmd_'):
         fix = (f'--model fmd_<its architecture> --pretrained {cfg.model}' if cfg.model.startswith('hf-hub:')

@@ -23,7 +23,7 @@ from .config import TrainConfig, config_from_dict, load_yaml, merge, validate
 from .data import build_splits, loaders_for_model
 from .model import create_model
 
-__all__ = ['autocast', 'hits', 'evaluate', 'LoadedRun', 'load_run', 'evaluate_checkpoint']
+__all__ = ['autocast', 'hits', 'evaluate', 'LoadedRun', 'resolve_checkpoint', 'load_run', 'evaluate_checkpoint']
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
@@ -73,10 +73,40 @@ class LoadedRun:
     metadata: Dict[str, str]
 
 
+_EXPECTED = ('expected a run directory (evaluated at its checkpoints/best.safetensors) or '
+             'RUN_DIR/checkpoints/<best|last>.safetensors')
+
+
+def resolve_checkpoint(checkpoint: Union[str, Path]) -> Path:
+    """The weights file ``checkpoint`` names: ``RUN_DIR/checkpoints/<name>.safetensors`` itself, or for a run
+    directory its ``checkpoints/best.safetensors`` (the weights ``timm-fmd publish RUN_DIR`` publishes).
+
+    Raises ``FileNotFoundError`` naming ``--checkpoint`` and what was expected for anything else."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / 'config.yaml').is_file():
+            raise FileNotFoundError(f'--checkpoint: {path} is not a run directory (it has no config.yaml); {_EXPECTED}')
+        best = path / 'checkpoints' / 'best.safetensors'
+        if not best.is_file():
+            last = path / 'checkpoints' / 'last.safetensors'
+            other = f'; its latest weights: --checkpoint {last}' if last.is_file() else ''
+            raise FileNotFoundError(f'--checkpoint: {path} has no checkpoints/best.safetensors yet (written when its '
+                                    f'first epoch is validated){other}')
+        return best
+    if not path.is_file():
+        raise FileNotFoundError(f'--checkpoint: {path} does not exist; {_EXPECTED}')
+    if path.suffix != '.safetensors' or path.parent.name != 'checkpoints' or \
+            not (path.parent.parent / 'config.yaml').is_file():
+        raise FileNotFoundError(f'--checkpoint: {path} is not a .safetensors file in the checkpoints/ folder of a run '
+                                f'directory (whose config.yaml rebuilds the model and transforms); {_EXPECTED}')
+    return path
+
+
 @contextlib.contextmanager
 def load_run(checkpoint: Union[str, Path], data_dir: Optional[str] = None, batch_size: Optional[int] = None,
              workers: Optional[int] = None, device: Optional[str] = None, split: str = 'val') -> Iterator[LoadedRun]:
-    """Rebuild the run of ``RUN_DIR/checkpoints/<name>.safetensors`` with those weights loaded.
+    """Rebuild the run of ``RUN_DIR/checkpoints/<name>.safetensors`` (or of ``RUN_DIR``, at its best
+    checkpoint: :func:`resolve_checkpoint`) with those weights loaded.
 
     The model, transforms and split come from ``RUN_DIR/config.yaml``; ``data_dir`` points the same
     split logic at another copy of the data (or another data set with the same classes). With
@@ -84,11 +114,8 @@ def load_run(checkpoint: Union[str, Path], data_dir: Optional[str] = None, batch
     the evaluation transform: what the model fits on them, free of augmentation and regularisers.
     """
     check_choice(split, 'split', ('val', 'train'))
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     config_path = checkpoint.parent.parent / 'config.yaml'
-    if not config_path.is_file():
-        raise FileNotFoundError(f'--checkpoint: expected {checkpoint} inside RUN_DIR/checkpoints/ with '
-                                f'{config_path} (the run config rebuilds the model and transforms)')
     weights, metadata = load_weights(checkpoint)
     overrides = dict(data_dir=data_dir, validation_batch_size=batch_size, workers=workers, device=device)
     cfg = validate(merge(config_from_dict(load_yaml(config_path)),
@@ -112,12 +139,13 @@ def load_run(checkpoint: Union[str, Path], data_dir: Optional[str] = None, batch
 def evaluate_checkpoint(checkpoint: Union[str, Path], data_dir: Optional[str] = None,
                         batch_size: Optional[int] = None, workers: Optional[int] = None,
                         device: Optional[str] = None, split: str = 'val') -> Dict[str, Any]:
-    """Evaluate the weights of ``RUN_DIR/checkpoints/<name>.safetensors`` on the run's validation split
-    (see :func:`load_run`): reproduces the validation accuracy logged for the checkpoint's epoch.
+    """Evaluate the weights of ``RUN_DIR/checkpoints/<name>.safetensors`` (or ``RUN_DIR``: its best) on the run's
+    validation split (see :func:`load_run`): reproduces the validation accuracy logged for the checkpoint's epoch.
 
     ``split='train'`` evaluates on the run's training samples instead (keys ``train_loss``,
     ``train_top1``, ``train_top5``, ``train_size``), in eval mode without augmentation.
     """
+    checkpoint = resolve_checkpoint(checkpoint)  # a run directory: reported as the file evaluated
     with load_run(checkpoint, data_dir, batch_size, workers, device, split) as run:
         metrics = evaluate(run.model, run.loaders.val, run.env, autocast(run.cfg, run.env.device),
                            run.cfg.channels_last)

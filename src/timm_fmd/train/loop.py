@@ -49,7 +49,7 @@ from .model import base_architecture, create_model, is_fmd, pretrained_source
 from .rademacher import erc_layers, layer_erc
 from .report import MetricsLog, Progress, hardware, plot_curves, tensorboard_writer, write_json
 
-__all__ = ['fit', 'train_one_epoch']
+__all__ = ['fit', 'train_one_epoch', 'Interrupted']
 
 
 @dataclass
@@ -97,8 +97,16 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`fit`; ``str()`` says what the run kept and the command that goes on from it
+    (empty on ranks other than 0)."""
+
+
 def fit(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train ``cfg.model`` as configured; write the run directory; return the results dict."""
+    """Train ``cfg.model`` as configured; write the run directory; return the results dict.
+
+    Raises :class:`Interrupted` (a ``KeyboardInterrupt``) on Ctrl-C, after removing a run directory that has
+    no checkpoint yet."""
     cfg = validate(cfg)
     env = D.setup(cfg.device)
     run = None
@@ -133,9 +141,11 @@ def fit(cfg: TrainConfig) -> Dict[str, Any]:
                 tb.close()
             _log_end(run, results)
         return results
-    except BaseException:
+    except BaseException as e:
         if run is not None and env.is_main:
             _remove_unstarted(run)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            raise Interrupted(_interruption(cfg, run) if env.is_main else '') from None
         raise
     finally:
         D.cleanup(env)
@@ -208,6 +218,14 @@ def _remove_unstarted(run: Run) -> None:
     """After a failure before the first checkpoint, remove what this start wrote: nothing blocks a rerun."""
     if not run.cfg.resume and not _first_checkpoint(run.run_dir).exists():
         shutil.rmtree(run.run_dir, ignore_errors=True)
+
+
+def _interruption(cfg: TrainConfig, run: Optional[Run]) -> str:
+    """What an interrupted start or run kept, and the command that goes on from there."""
+    run_dir = run.run_dir if run is not None else Path(cfg.resume) if cfg.resume else None
+    if run_dir is not None and _first_checkpoint(run_dir).is_file():
+        return f'interrupted; continue the run from its last checkpoint with `timm-fmd train --resume {run_dir}`'
+    return 'interrupted before the first checkpoint, so nothing was kept; run the same command again to start afresh'
 
 
 def _seed(seed: int) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Union
 
 import timm
 import torch.nn as nn
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
 
 import timm_fmd
@@ -55,11 +56,27 @@ def create_model(cfg: TrainConfig, num_classes: int, steps_per_epoch: int, pretr
     try:
         return _from_hub(cfg.model, source, kwargs)
     except (OSError, HfHubHTTPError) as e:  # offline, unreachable, unknown repo: the Hub client's errors
-        detail = str(e).strip().splitlines()
-        raise ValueError(f'--pretrained: cannot get the weights of {cfg.model} ({source}) from the Hugging Face Hub: '
-                         f'{type(e).__name__}: {detail[0] if detail else ""} Check the connection (and HF_ENDPOINT), '
-                         f'set HF_HUB_OFFLINE=1 to use weights already in the cache, or pass a local weights file: '
-                         f'--pretrained PATH') from e
+        raise ValueError(_hub_failure(cfg.model, source, e)) from e
+
+
+def _hub_failure(model_name: str, source: Union[bool, str], error: Exception) -> str:
+    """The one-line error for weights the Hub client could not get, with the advice that fits: offline mode
+    on (the cache lacks them), the Hub refusing the request (an HTTP status), or the Hub unreachable."""
+    named = f' ({source})' if isinstance(source, str) else ''  # the bare flag: the model name says it all
+    detail = str(error).strip().splitlines()
+    head = (f'--pretrained: cannot get the weights of {model_name}{named} from the Hugging Face Hub: '
+            f'{type(error).__name__}: {detail[0] if detail else ""}').rstrip('.')
+    status = getattr(getattr(error, 'response', None), 'status_code', None)
+    if hub_constants.is_offline_mode():
+        advice = ('HF_HUB_OFFLINE is set, so only the local cache is searched, and it does not hold them: download '
+                  'them once with a connection and HF_HUB_OFFLINE unset')
+    elif status is not None:
+        advice = (f'The Hub answered HTTP {status}: check the name (timm.list_pretrained()) and, for a private or '
+                  f'gated repository, HF_TOKEN')
+    else:  # the client falls back to its cache when the Hub is unreachable: these weights are not in it
+        advice = ('The Hub cannot be reached and the local cache does not hold them: check the connection (and '
+                  'HF_ENDPOINT)')
+    return f'{head}. {advice}, or pass a local weights file: --pretrained PATH'
 
 
 def _from_hub(model_name: str, source: Union[bool, str], kwargs: Dict[str, Any]) -> nn.Module:

@@ -103,8 +103,10 @@ def erc_checkpoint(
         batch_size: Optional[int] = None,
         device: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """``timm-fmd erc``: the ERC of a saved run's layers on its validation split (see :func:`layer_erc`)."""
-    from .evaluate import load_run  # the run's model, data and transforms, as `timm-fmd eval` rebuilds them
+    """``timm-fmd erc``: the ERC of a saved run's layers on its validation split (see :func:`layer_erc`);
+    ``checkpoint`` is ``RUN_DIR/checkpoints/<name>.safetensors`` or ``RUN_DIR`` (its best checkpoint)."""
+    from .evaluate import load_run, resolve_checkpoint  # the run rebuilt as `timm-fmd eval` rebuilds it
+    checkpoint = resolve_checkpoint(checkpoint)
     with load_run(checkpoint, data_dir=data_dir, batch_size=batch_size, device=device) as run:
         names = list(layers) if layers else erc_layers(run.model, run.cfg.fmd_stages or FMD_DEFAULTS.stages,
                                                        run.cfg.fmd_sites or FMD_DEFAULTS.sites)
