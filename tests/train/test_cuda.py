@@ -70,8 +70,10 @@ def test_trainer_on_cuda_bf16_channels_last_then_resume(tmp_path):
     # the same seeds and data order: equal up to GPU non-determinism, which grows over the steps
     assert b[0]['train_loss'] == pytest.approx(a[0]['train_loss'], rel=0.02)
     assert b[1]['train_loss'] == pytest.approx(a[1]['train_loss'], rel=0.1)
-    for rows in (a, b):  # it learns: 10 classes, chance is 10% (the H200 trial: 45% after two epochs)
-        assert rows[1]['train_loss'] < rows[0]['train_loss'] and rows[1]['val_top1'] > 20
+    # it learns: 10 classes, chance is 10% +- 1.6% on the 359 validation images (this schedule on CPU in fp32: 22.8%
+    # after two epochs, train loss 2.48 -> 2.15; resumed and uninterrupted runs equal there bit for bit)
+    for rows in (a, b):
+        assert rows[1]['train_loss'] < rows[0]['train_loss'] and rows[1]['val_top1'] > 15
 
 
 def test_fp16_with_the_grad_scaler_on_cuda(tmp_path):
