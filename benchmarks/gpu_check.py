@@ -20,12 +20,12 @@ killed with its whole process group and reported as a timeout, so one hanging pa
    tests/train/test_cuda.py, and those of the op and the CUDA-graph step where they exist).
    It runs within step 2's deadline, so steps 2-4 take at most ``--compile-timeout`` together.
 4. The compiled ResNet-50 is told to go (its timed rounds run with the GPU otherwise idle).
-5. Op benchmark (``--op-timeout``, default 25 s): ``python benchmarks/bench_op.py --device cuda``.
-6. ResNet-50 eager (``--eager-timeout``, default 35 s)::
+5. Op benchmark (``--op-timeout``, default 30 s): ``python benchmarks/bench_op.py --device cuda``.
+6. ResNet-50 eager (``--eager-timeout``, default 40 s)::
 
        python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last --repeats 10
 
-After the probe, at most 110 + 25 + 35 = 170 s of deadlines (plus up to 5 s to end each part that overran). The
+After the probe, at most 110 + 30 + 40 = 180 s of deadlines (plus up to 5 s to end each part that overran). The
 table has one row per measured item: the CUDA test counts (and every failed test by name), every op row at
 (32, 1024, 14, 14), every ResNet-50 variant eager and compiled, and the issue's targets beside the measured
 values (``met`` / ``missed``). Op rows are matched by name: a target's row is the FMD row of its mode and mask
@@ -399,8 +399,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--tests-timeout', type=float, default=85.0, metavar='S')
     parser.add_argument('--compile-timeout', type=float, default=110.0, metavar='S',
                         help='seconds from the start for the compiled ResNet-50 (it compiles during the tests)')
-    parser.add_argument('--op-timeout', type=float, default=25.0, metavar='S')
-    parser.add_argument('--eager-timeout', type=float, default=35.0, metavar='S')
+    parser.add_argument('--op-timeout', type=float, default=30.0, metavar='S')
+    parser.add_argument('--eager-timeout', type=float, default=40.0, metavar='S')
     args = parser.parse_args(argv)
     budgets = dict(tests=args.tests_timeout, compiled=args.compile_timeout, op=args.op_timeout,
                    eager=args.eager_timeout)
