@@ -130,7 +130,22 @@ def seed_rate_table(height: int, width: int, kh: int, kw: int, device: torch.dev
     key = (height, width, kh, kw, torch.device(device))
     table = _RATE_TABLES.get(key)
     if table is None:
-        table = _RATE_TABLES[key] = _solve_log_keep(height, width, kh, kw).to(torch.float32).to(device)
+        table = _RATE_TABLES[key] = _upload(_solve_log_keep(height, width, kh, kw).to(torch.float32), key[-1])
+    return table
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` copied to ``device`` for good. On CUDA the copy is made on a side stream: a first call inside
+    inductor's CUDA-graph trees (``mode='reduce-overhead'``) runs while the current stream's allocations go to the
+    graphs' private pool, where a cached tensor would be an untracked live allocation (their check fails: "tensor(s)
+    in the cudagraph pool not tracked as outputs", seen on the H200)."""
+    if device.type != 'cuda':
+        return host.to(device)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        table = host.to(device)
+    torch.cuda.current_stream(device).wait_stream(side)
+    table.record_stream(torch.cuda.current_stream(device))  # used on the current stream from now on
     return table
 
 
