@@ -311,3 +311,12 @@ def test_a_published_recipe_needs_the_data_and_weights_given(tiny_data, tmp_path
                                                       pretrained='<local path removed>')))
     assert _cli('-c', str(recipe), '--experiment', 'again') == 2
     assert f"--pretrained: {recipe} sets pretrained '<local path removed>', which" in capsys.readouterr().err
+
+
+def test_a_run_that_is_all_warm_up_says_so(tiny_data, tmp_path, capsys):
+    """The digits recipe with --epochs 1: its one epoch is the warm-up, the learning rate never reaches --lr."""
+    fit(quick_config(tiny_data, tmp_path, epochs=1, warmup_epochs=1, warmup_lr=0.0))
+    assert ('warning: all 1 epoch(s) are warm-up (--warmup-epochs 1): the learning rate never reaches 0.05; pass more '
+            '--epochs, or --warmup-epochs 0') in capsys.readouterr().out
+    fit(quick_config(tiny_data, tmp_path, experiment='two', epochs=2, warmup_epochs=1))
+    assert 'warm-up' not in capsys.readouterr().out

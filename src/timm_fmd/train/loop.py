@@ -269,6 +269,9 @@ def _build(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> Run:
     if cfg.lr is None and env.is_main:
         print(f'note: --lr {lr:.4g} (timm\'s rule for a global batch of '
               f'{cfg.batch_size * cfg.grad_accum_steps * env.world_size}; pass --lr to choose)', flush=True)
+    if 0 < cfg.epochs <= cfg.warmup_epochs and env.is_main:  # e.g. the digits recipe with --epochs 1: chance level
+        print(f'warning: all {cfg.epochs} epoch(s) are warm-up (--warmup-epochs {cfg.warmup_epochs}): the learning '
+              f'rate never reaches {lr:.4g}; pass more --epochs, or --warmup-epochs 0', flush=True)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, **{**cfg.opt_kwargs, **optimizer_kwargs(cfg)})
     scheduler, _ = create_scheduler_v2(
