@@ -124,7 +124,11 @@ def test_read_run_rejects_what_is_not_a_finished_run(make_run, tmp_path):
     with pytest.raises(ValueError, match='.safetensors checkpoint'):
         read_run(run_dir / 'results.json')
     (run_dir / 'results.json').unlink()
-    with pytest.raises(ValueError, match='not a finished training run: it has no results.json'):
+    with pytest.raises(ValueError, match='not a finished training run: it has no results.json$'):
+        read_run(run_dir)
+    (run_dir / 'checkpoints' / 'last.state.pt').write_bytes(b'')  # interrupted after a checkpoint: resumable
+    with pytest.raises(ValueError, match=re.escape(f'it has no results.json; finish it first: '
+                                                   f'`timm-fmd train --resume {run_dir}`')):
         read_run(run_dir)
     assert read_run(make_run('other')).checkpoint.name == 'best.safetensors'
 

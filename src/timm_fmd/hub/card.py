@@ -83,7 +83,9 @@ def read_run(source: str | os.PathLike) -> RunRecord:
         raise ValueError(f'source {str(path)!r} does not exist')
     missing = [n for n in ('results.json', 'config.yaml') if not (run_dir / n).is_file()]
     if missing:
-        raise ValueError(f'{str(run_dir)!r} is not a finished training run: it has no {" or ".join(missing)}')
+        advice = (f'; finish it first: `timm-fmd train --resume {run_dir}`'
+                  if (run_dir / 'checkpoints' / 'last.state.pt').is_file() else '')
+        raise ValueError(f'{str(run_dir)!r} is not a finished training run: it has no {" or ".join(missing)}{advice}')
     results = _read_results(run_dir)
     checkpoint = path if path.is_file() else run_dir / results['checkpoint']
     if not checkpoint.is_file():
