@@ -10,11 +10,11 @@ Run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels by Python
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
 import tempfile
-import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import kernels
