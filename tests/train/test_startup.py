@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import httpx2
 import pytest
 import timm
 import torch
@@ -171,11 +170,17 @@ def test_a_misspelt_model_is_named_before_anything_is_read(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+try:  # the HTTP library of the installed huggingface_hub: httpx2 since 2.x, httpx in 1.x
+    import httpx2 as _http
+except ImportError:
+    import httpx as _http
+
+
 @pytest.mark.parametrize('error, advice', [
     (LocalEntryNotFoundError('An error happened while trying to locate the file on the Hub and we cannot find the '
                              'requested files in the local cache.'),
      'The Hub cannot be reached and the local cache does not hold them: check the connection (and HF_ENDPOINT)'),
-    (HfHubHTTPError('404 Client Error.', response=httpx2.Response(404, request=httpx2.Request('HEAD', 'http://hub'))),
+    (HfHubHTTPError('404 Client Error.', response=_http.Response(404, request=_http.Request('HEAD', 'http://hub'))),
      'The Hub answered HTTP 404: check the name (timm.list_pretrained()) and, for a private or gated repository, '
      'HF_TOKEN'),
 ])

@@ -59,6 +59,13 @@ def create_model(cfg: TrainConfig, num_classes: int, steps_per_epoch: int, pretr
         raise ValueError(_hub_failure(cfg.model, source, e)) from e
 
 
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it: ``is_offline_mode()`` where it has one, the
+    module constant in 1.0 (this project's floor)."""
+    check = getattr(hub_constants, 'is_offline_mode', None)
+    return check() if check is not None else bool(hub_constants.HF_HUB_OFFLINE)
+
+
 def _hub_failure(model_name: str, source: Union[bool, str], error: Exception) -> str:
     """The one-line error for weights the Hub client could not get, with the advice that fits: offline mode
     on (the cache lacks them), the Hub refusing the request (an HTTP status), or the Hub unreachable."""
@@ -67,7 +74,7 @@ def _hub_failure(model_name: str, source: Union[bool, str], error: Exception) ->
     head = (f'--pretrained: cannot get the weights of {model_name}{named} from the Hugging Face Hub: '
             f'{type(error).__name__}: {detail[0] if detail else ""}').rstrip('.')
     status = getattr(getattr(error, 'response', None), 'status_code', None)
-    if hub_constants.is_offline_mode():
+    if _hub_offline():
         advice = ('HF_HUB_OFFLINE is set, so only the local cache is searched, and it does not hold them: download '
                   'them once with a connection and HF_HUB_OFFLINE unset')
     elif status is not None:
