@@ -249,6 +249,25 @@ def test_manual_seed_and_generator_decide_the_draws():
     assert not torch.equal(run(generator=g(1)), run(generator=g(2)))
 
 
+@pytest.mark.parametrize('use_reentrant', [False, True])
+def test_checkpoint_recompute_draws_the_same_mask(use_reentrant):
+    """Activation checkpointing recomputes the forward in backward: torch restores its RNG state, so the seed drawn
+    from torch's generator is the same and the gradient equals the one without checkpointing."""
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    m = BlockFeatureMapDistortion(0.3, 3, next_layer=conv)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    block = lambda t: conv(m(t))  # noqa: E731
+    torch.manual_seed(5)
+    plain = block(x)
+    plain.sum().backward()
+    expected, x.grad = x.grad.clone(), None
+    torch.manual_seed(5)
+    checkpointed = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant)
+    checkpointed.sum().backward()
+    assert torch.equal(checkpointed, plain) and torch.equal(x.grad, expected)
+    assert (expected == 0).any()  # distorted elements get no gradient: a mask was drawn
+
+
 def test_fallbacks_use_the_reference(monkeypatch):
     """lam > 0, steps > 1 and a user mask take the PyTorch path; the common case does not."""
     calls = []
