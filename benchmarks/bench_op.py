@@ -2,19 +2,23 @@
 
     python benchmarks/bench_op.py                  # the README's table (CPU, or CUDA when available)
     python benchmarks/bench_op.py --device cuda --repeats 50
+    python benchmarks/bench_op.py --device cuda --shapes 32x1024x14x14   # one shape (gpu_check.py)
 
 Rows are measured side by side in one process: each repetition runs every method once, in turn,
-and the table reports medians, so drifting machine load hits all methods alike. On CUDA each FMD row comes
-twice: the fused Triton path (what the op runs there) and the PyTorch reference path beside it. "saved MB" is what
-autograd keeps for the backward pass (counted with saved-tensor hooks); on CUDA the peak allocated
-memory of one forward+backward is reported as well.
+and the table reports medians, so drifting machine load hits all methods alike. "ms" is the wall time of one
+synchronised call, host launch time included (what an eager training step pays). On CUDA each FMD row comes
+twice: the fused Triton path (what the op runs there) and the PyTorch reference path beside it, and "GPU ms" is
+the same forward+backward captured once in a CUDA graph and replayed: the GPU's time alone, without the host's
+(methods that are not capture-safe, the reference path, show "-"). "ms" minus "GPU ms" is the host's share.
+"saved MB" is what autograd keeps for the backward pass (counted with saved-tensor hooks); on CUDA the peak
+allocated memory of one forward+backward is reported as well.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,8 +28,23 @@ from timm.layers import DropBlock2d
 from timm_fmd.ops import fused
 from timm_fmd.ops.distortion import feature_map_distortion
 from timm_fmd.ops.masks import block_seed_rate, expected_block_fraction
+from timm_fmd.train.graphs import CudaGraph
 
 SHAPES = [(32, 1024, 14, 14), (32, 2048, 7, 7), (64, 64, 32, 32)]
+GRAPH_REPLAYS = 50
+
+
+def parse_shapes(text: str) -> List[Tuple[int, int, int, int]]:
+    """``--shapes``: comma-separated ``BxCxHxW`` maps, e.g. ``32x1024x14x14,64x64x32x32``."""
+    shapes = []
+    for item in (t.strip() for t in text.split(',') if t.strip()):
+        dims = item.lower().split('x')
+        if len(dims) != 4 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise argparse.ArgumentTypeError(f'{item!r} is not BxCxHxW with positive integers (e.g. 32x1024x14x14)')
+        shapes.append(tuple(int(d) for d in dims))
+    if not shapes:
+        raise argparse.ArgumentTypeError('give at least one BxCxHxW map')
+    return shapes
 
 
 def authors_formula(x: torch.Tensor, prob: float, block_size: int, weight: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -70,7 +89,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma: float) -> List[Dict]:
+def graph_seconds(fn: Callable[[], torch.Tensor], grad: torch.Tensor, x: torch.Tensor, replays: int,
+                  backend=None) -> float:
+    """Seconds per forward+backward of ``fn`` captured once in a CUDA graph and replayed ``replays`` times: the
+    GPU's time without the host's launches. ``backend`` is the trainer's :class:`CudaGraph` (two eager warm-up
+    calls on a side stream, then the capture) or a stand-in with the same methods (tests)."""
+    backend = backend if backend is not None else CudaGraph(x.device)
+
+    def call() -> None:
+        fn().backward(grad)
+
+    for _ in range(2):  # lazily made state (kernels compiled, tables cached) outside the capture
+        backend.eager(call)
+        x.grad = None
+    backend.capture(call)
+    x.grad = None  # the graph keeps its own gradient buffer
+    _sync(x.device)
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        backend.replay()
+    _sync(x.device)
+    return (time.perf_counter() - t0) / replays
+
+
+def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma: float,
+                graph_replays: int = GRAPH_REPLAYS) -> List[Dict]:
     torch.manual_seed(0)
     c = shape[1]
     x = torch.randn(shape, device=device, requires_grad=True)
@@ -103,14 +146,21 @@ def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma
             x.grad = None
     rows = []
     for name, fn in methods.items():
-        peak = None
+        peak = gpu_ms = None
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             fn().backward(grad)
+            x.grad = None
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            if 'reference' not in name:  # the reference path is not declared capture-safe
+                try:
+                    gpu_ms = 1000 * graph_seconds(fn, grad, x, graph_replays)
+                except RuntimeError as error:  # say so and keep the row's other columns
+                    print(f'{name}: not captured ({str(error).splitlines()[0]})', flush=True)
+                    x.grad = None
         rows.append(dict(shape=shape, method=name, ms=1000 * statistics.median(times[name]),
-                         saved_mb=_saved_bytes(fn) / 2 ** 20, peak_mb=peak))
+                         saved_mb=_saved_bytes(fn) / 2 ** 20, peak_mb=peak, gpu_ms=gpu_ms))
     return rows
 
 
@@ -132,6 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--shapes', type=parse_shapes, default=SHAPES, metavar='BxCxHxW,...',
+                        help='feature maps to time (default: ' + ','.join('x'.join(map(str, s)) for s in SHAPES) + ')')
     parser.add_argument('--prob', type=float, default=0.1)
     parser.add_argument('--block-size', type=int, default=7)
     parser.add_argument('--gamma', type=float, default=1.0)
@@ -145,9 +197,9 @@ def main() -> None:
           f'prob={args.prob} block={args.block_size} repeats={args.repeats} (median fwd+bwd)')
     header = f"{'shape':>18} | {'method':<40} | {'ms':>8} | {'x timm':>7} | {'saved MB':>8}"
     if device.type == 'cuda':
-        header += f" | {'peak MB':>8}"
+        header += f" | {'peak MB':>8} | {'GPU ms':>8}"
     print(header)
-    for shape in SHAPES:
+    for shape in args.shapes:
         rows = bench_shape(shape, device, args.repeats, args.prob, args.block_size, args.gamma)
         base = {r['method'].split()[0]: r['ms'] for r in rows if 'DropBlock2d' in r['method']}
         for r in rows:
@@ -155,7 +207,8 @@ def main() -> None:
             line = (f"{str(tuple(r['shape'])):>18} | {r['method']:<40} | {r['ms']:8.2f} | {ratio:6.2f}x | "
                     f"{r['saved_mb']:8.1f}")
             if r['peak_mb'] is not None:
-                line += f" | {r['peak_mb']:8.1f}"
+                gpu = '-' if r['gpu_ms'] is None else f"{r['gpu_ms']:.3f}"
+                line += f" | {r['peak_mb']:8.1f} | {gpu:>8}"
             print(line)
     realised_fraction_table(args.prob, args.block_size, device)
 

@@ -4,6 +4,8 @@
     python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last
     python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last --compile \
         --variants "plain,FMD per-channel approx"     # torch.compile (default mode), a subset of variants
+    python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last \
+        --cuda-graph "FMD per-channel approx"         # also those variants' steps captured in CUDA graphs
 
 Variants (random init; same data, optimiser and step in one process; the table reports the median
 of interleaved repetitions, so drifting machine load hits every variant alike):
@@ -16,6 +18,11 @@ of interleaved repetitions, so drifting machine load hits every variant alike):
 
 ``--compile`` wraps every model in ``torch.compile`` (default mode) and warms up two rounds (the
 forward and backward graphs compile in the first); the optimiser step stays eager in every variant.
+
+``--cuda-graph VARIANTS`` adds rows ``<variant> (CUDA graph)``: a second model of each named variant (and of plain,
+their baseline) whose whole step -- forward, backward, fused SGD step -- is captured once with the trainer's
+:class:`timm_fmd.train.graphs.GraphedStep` (as ``timm-fmd train --cuda-graph`` runs it) and replayed: the GPU's
+time without the host's launches. Their "x plain" is against plain's captured step.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import torch.nn.functional as F
 
 import timm_fmd
 from timm_fmd.ops.distortion import FeatureMapDistortion
+from timm_fmd.train.graphs import WARMUP_STEPS, GraphedStep
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_op import authors_formula  # noqa: E402
@@ -93,11 +101,15 @@ def main() -> None:
                         help='torch.compile every model (default mode); the first two rounds warm up (compile)')
     parser.add_argument('--variants', type=parse_variants, default=list(VARIANTS),
                         help=f'comma-separated subset of: {", ".join(VARIANTS)} (default: all; plain always runs)')
+    parser.add_argument('--cuda-graph', type=parse_variants, default=[], metavar='VARIANTS',
+                        help='also time these variants (and plain) with the whole step captured in a CUDA graph')
     parser.add_argument('--threads', type=int, default=None, help='intra-op CPU threads (default: torch default)')
     parser.add_argument('--wait-for', type=Path, default=None, metavar='FILE',
                         help='after the warm-up (and compilation), print "warm" and wait for FILE to exist before '
                              'the timed rounds (gpu_check.py compiles while other work runs, then times alone)')
     args = parser.parse_args()
+    if args.cuda_graph and (args.device != 'cuda' or args.compile):
+        parser.error('--cuda-graph: needs --device cuda and no --compile (the eager model is captured)')
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -112,40 +124,63 @@ def main() -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
-    def step(v: str) -> float:
+    def train_step(model: torch.nn.Module, optim: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   graphed: bool = False) -> torch.Tensor:
+        # no autocast weight cache in a captured step (its casts would be made once, inside the capture)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp, cache_enabled=not graphed):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    runs = {v: (lambda v=v: train_step(steppers[v], optims[v], x, y)) for v in variants}
+    for v in args.cuda_graph:  # a second model per variant, its step captured as the trainer captures it
+        model = build(v, args.prob, args.block_size).to(device).train()
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+        graphed = GraphedStep(lambda x, target, y, step, m=model, o=optim: train_step(m, o, x, target, True), optim)
+        runs[f'{v} (CUDA graph)'] = lambda g=graphed: g(x, y, y, 0)  # the step number feeds only an EMA: none
+
+    def step(name: str) -> float:
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = F.cross_entropy(steppers[v](x), y)
-        loss.backward()
-        optims[v].step()
-        optims[v].zero_grad(set_to_none=True)
+        runs[name]()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    for _ in range(2 if args.compile else 1):  # allocators and kernels; compilation of forward and backward
-        for v in variants:
-            step(v)
+    warmup = max(2 if args.compile else 1, WARMUP_STEPS + 1 if args.cuda_graph else 0)
+    for _ in range(warmup):  # allocators and kernels; compilation; the graphs' eager warm-up and capture
+        for name in list(runs):
+            try:
+                step(name)
+            except RuntimeError as error:  # a step that cannot be captured: say so, time the others
+                if not name.endswith('(CUDA graph)'):
+                    raise
+                print(f'{name}: not captured ({str(error).splitlines()[0]})', flush=True)
+                del runs[name]
     if args.wait_for is not None:
         print('warm', flush=True)
         while not args.wait_for.exists():
             time.sleep(0.05)
-    times: Dict[str, list] = {v: [] for v in variants}
+    times: Dict[str, list] = {name: [] for name in runs}
     for _ in range(args.repeats):
-        for v in variants:
-            times[v].append(step(v))
+        for name in runs:
+            times[name].append(step(name))
     fmd = next((m for m in models.values() if timm_fmd.fmd_ops(m)), None)
     sites = f'FMD sites: {len(timm_fmd.fmd_ops(fmd))} (layer3+layer4, conv+skip), ' if fmd is not None else ''
     print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch_size} '
           f'img={args.img_size} amp={args.amp} channels_last={args.channels_last} compile={args.compile} '
           f'repeats={args.repeats}; {sites}p={args.prob}, block {args.block_size}')
-    base = statistics.median(times['plain'])
-    print(f"{'variant':<30} | {'ms/step':>9} | {'x plain':>7}")
-    for v in variants:
-        t = statistics.median(times[v])
-        print(f'{v:<30} | {1000 * t:9.1f} | {t / base:6.2f}x')
+    print(f"{'variant':<44} | {'ms/step':>9} | {'x plain':>7}")
+    for name in runs:
+        base = times.get('plain (CUDA graph)' if name.endswith('(CUDA graph)') else 'plain')
+        t = statistics.median(times[name])
+        ratio = f'{t / statistics.median(base):6.2f}x' if base else '      -'
+        print(f'{name:<44} | {1000 * t:9.1f} | {ratio}')
 
 
 if __name__ == '__main__':

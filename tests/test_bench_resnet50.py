@@ -34,3 +34,13 @@ def test_variants_option():
                                                                             'FMD shared exact']
     with pytest.raises(argparse.ArgumentTypeError, match=r"unknown variant\(s\) \['FMD fused'\]; choose from"):
         bench.parse_variants('plain,FMD fused')
+
+
+def test_cuda_graph_option_needs_cuda_and_names_known_variants(monkeypatch, capsys):
+    assert bench.parse_variants('FMD per-channel approx,FMD shared approx,FMD per-channel exact') == [
+        'plain', 'FMD shared approx', 'FMD per-channel approx', 'FMD per-channel exact']  # gpu_check's choice
+    monkeypatch.setattr(sys, 'argv', ['bench_resnet50.py', '--device', 'cpu', '--cuda-graph', 'FMD shared approx'])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    assert '--cuda-graph: needs --device cuda and no --compile' in capsys.readouterr().err

@@ -15,17 +15,18 @@ sys.modules['gpu_check'] = gc  # dataclasses resolve their annotations through s
 _spec.loader.exec_module(gc)
 
 # bench_op.py's table as printed on the H200 (../shared/gpu/02-bench-op.txt), with fused rows of the kind the
-# fused path adds, and its second table (another first header) after a blank line
+# fused path adds, the GPU ms column of graph replays ("-": not captured), and its second table (another first
+# header) after a blank line
 BENCH_OP = """device=cuda torch=2.11.0+cu130 threads=16 prob=0.1 block=7 repeats=20 (median fwd+bwd)
-             shape | method                           |       ms |  x timm | saved MB |  peak MB
-(32, 1024, 14, 14) | shared  timm DropBlock2d         |     0.55 |   1.00x |      0.0 |     49.0
-(32, 1024, 14, 14) | shared  block FMD approx fused   |     0.21 |   0.38x |      0.0 |     12.0
-(32, 1024, 14, 14) | per-channel  timm DropBlock2d    |     0.55 |   1.00x |     24.5 |     99.0
-(32, 1024, 14, 14) | per-channel  block FMD approx reference |     1.44 |   2.60x |     24.5 |    178.6
-(32, 1024, 14, 14) | per-channel  block FMD approx fused |     0.28 |   0.51x |      0.0 |     12.3
-(32, 1024, 14, 14) | per-channel  block FMD exact fused |     0.71 |   1.29x |      0.0 |     13.0
-(32, 1024, 14, 14) | per-channel  authors' formula    |     1.40 |   2.52x |     82.6 |    171.6
-  (32, 2048, 7, 7) | per-channel  block FMD approx fused |     0.90 |   1.55x |      0.0 |     88.8
+             shape | method                           |       ms |  x timm | saved MB |  peak MB |   GPU ms
+(32, 1024, 14, 14) | shared  timm DropBlock2d         |     0.55 |   1.00x |      0.0 |     49.0 |    0.120
+(32, 1024, 14, 14) | shared  block FMD approx fused   |     0.21 |   0.38x |      0.0 |     12.0 |    0.050
+(32, 1024, 14, 14) | per-channel  timm DropBlock2d    |     0.55 |   1.00x |     24.5 |     99.0 |    0.130
+(32, 1024, 14, 14) | per-channel  block FMD approx reference |     1.44 |   2.60x |     24.5 |    178.6 |        -
+(32, 1024, 14, 14) | per-channel  block FMD approx fused |     0.28 |   0.51x |      0.0 |     12.3 |    0.061
+(32, 1024, 14, 14) | per-channel  block FMD exact fused |     0.71 |   1.29x |      0.0 |     13.0 |    0.210
+(32, 1024, 14, 14) | per-channel  authors' formula    |     1.40 |   2.52x |     82.6 |    171.6 |    0.400
+  (32, 2048, 7, 7) | per-channel  block FMD approx fused |     0.90 |   1.55x |      0.0 |     88.8 |    0.030
 
 Realised distorted fraction at nominal prob 0.1, block 7 (64x256 maps, one draw):
    map | timm DropBlock2d | authors (valid centres) | timm-fmd | timm-fmd expected
@@ -41,6 +42,8 @@ FMD per-channel approx         |      64.9 |   2.79x
 FMD shared exact               |      89.8 |   3.86x
 FMD per-channel exact          |      87.2 |   3.74x
 authors' formula per-channel   |      52.1 |   2.24x
+plain (CUDA graph)             |      17.0 |   1.00x
+FMD per-channel approx (CUDA graph) |      18.7 |   1.10x
 """
 R50_COMPILED = """variant                        |   ms/step | x plain
 plain                          |      20.0 |   1.00x
@@ -63,7 +66,8 @@ def ok(text: str) -> 'gc.Outcome':
 def test_parse_table_reads_the_benchmark_tables():
     rows = gc.parse_table(BENCH_OP, 'shape')
     assert len(rows) == 8 and rows[0] == {'shape': '(32, 1024, 14, 14)', 'method': 'shared  timm DropBlock2d',
-                                          'ms': '0.55', 'x timm': '1.00x', 'saved MB': '0.0', 'peak MB': '49.0'}
+                                          'ms': '0.55', 'x timm': '1.00x', 'saved MB': '0.0', 'peak MB': '49.0',
+                                          'GPU ms': '0.120'}
     assert [r['variant'] for r in gc.parse_table(R50_EAGER, 'variant')][:2] == ['plain', 'timm DropBlock']
     assert gc.parse_table('no table here', 'variant') == []
     assert (gc.number('2.79x'), gc.number(' 0.28 '), gc.number('-'), gc.number('1e-3 ms')) == (2.79, 0.28, None, 1e-3)
@@ -100,8 +104,8 @@ def test_rows_put_measured_values_beside_the_targets():
         gc.r50_rows(ok(R50_COMPILED), 115, compiled=True)
     verdicts = {(r[0].split(' (')[0].split(',')[-1].strip(), r[1]): (r[2], r[4]) for r in rows if r[4]}
     assert verdicts == {
-        ('op fwd+bwd', 'per-channel  block FMD approx fused'): ('0.28 ms (0.51x timm)', 'met'),  # <= 0.30 ms
-        ('op fwd+bwd', 'per-channel  block FMD exact fused'): ('0.71 ms (1.29x timm)', 'missed'),  # > 0.6 ms
+        ('op fwd+bwd', 'per-channel  block FMD approx fused'): ('0.28 ms (0.51x timm); GPU 0.061 ms', 'met'),
+        ('op fwd+bwd', 'per-channel  block FMD exact fused'): ('0.71 ms (1.29x timm); GPU 0.21 ms', 'missed'),
         ('op saved for backward', 'per-channel  block FMD approx fused'): ('0 MB', 'met'),
         ('eager', 'FMD per-channel approx'): ('2.79x (64.9 ms)', 'missed'),
         ('eager', 'FMD shared approx'): ('2.87x (66.8 ms)', 'missed'),
@@ -109,7 +113,27 @@ def test_rows_put_measured_values_beside_the_targets():
         ('torch.compile', 'FMD per-channel approx'): ('1.03x (20.6 ms)', 'met'),  # <= 1.05x
     }
     assert sum(r[0] == 'op fwd+bwd (32, 1024, 14, 14)' for r in rows) == 7  # every row at that shape, no other
+    reference = next(r for r in rows if r[1] == 'per-channel  block FMD approx reference')
+    assert reference[2] == '1.44 ms (2.60x timm)'  # not captured: no GPU time
+    graphed = [r[1:] for r in rows if r[0] == 'ResNet-50 step b64 bf16 CL, CUDA graph']
+    assert graphed == [['plain', '1.00x (17.0 ms)', '', ''], ['FMD per-channel approx', '1.10x (18.7 ms)', '', '']]
     assert gc.exit_status(rows, cuda=True) == gc.EXIT_MISSED
+
+
+def test_a_step_that_could_not_be_captured_fails_the_check():
+    text = R50_EAGER + 'FMD per-channel exact (CUDA graph): not captured (operation not permitted when stream is ' \
+                       'capturing)\n'
+    rows = gc.r50_rows(ok(text), 45, compiled=False)
+    assert rows[-1] == ['ResNet-50 step b64 bf16 CL, CUDA graph', 'FMD per-channel exact',
+                        'not captured: operation not permitted when stream is capturing', '', 'FAIL']
+    assert gc.exit_status(rows, cuda=True) == gc.EXIT_FAILED
+
+
+def test_gpu_commands_time_one_op_shape_and_the_captured_steps(tmp_path):
+    commands = gc.gpu_commands('python', tmp_path / 'go')
+    assert commands['op'][-2:] == ['--shapes', '32x1024x14x14']
+    assert commands['eager'][-2:] == ['--cuda-graph', 'FMD per-channel approx,FMD shared approx,FMD per-channel exact']
+    assert str(tuple(int(n) for n in gc.OP_SHAPE_ARG.split('x'))) == gc.OP_SHAPE  # the rows read are the rows timed
 
 
 def test_failures_timeouts_and_missing_rows():
