@@ -45,7 +45,7 @@ the realised kept fraction, distorted elements included, as in the authors' rele
 "dividing p in the training phase"). Eval mode and ``prob == 0`` return the input object itself.
 
 Two implementations with one semantics. On a CUDA map the common case -- ``lam == 0``, ``steps == 1``, no
-``mask=``, float32/bfloat16/float16 -- runs fused Triton kernels (:mod:`timm_fmd.ops.fused`: 3 kernels forward,
+``mask=``, float32/bfloat16/float16 -- runs fused Triton kernels (:mod:`timm_fmd.ops.fused`: 2 kernels forward,
 1 backward, no mask kept for backward, no host synchronisation); everything else, and every CPU map, runs the
 PyTorch code below, the reference the fused path is tested against. The fused path draws its randomness from
 one seed per call taken from torch's generator (same distribution, other numbers than the reference for the same

@@ -15,9 +15,10 @@ What differs from the reference, by design:
 * ``std(x)`` is exact over every element (Chan/Welford partials), never the reference's strided subset;
 * autograd keeps the seed and a 4-float statistics buffer, never a mask: the backward kernel regenerates it.
 
-Forward: a seed draw, ``fmd_stats`` (statistics kernel + one-program finalize kernel), then ``fmd_apply`` (one
-kernel); approx mode adds the next layer's ``K_M`` (one ``amax``), exact mode the ERC gradient ``D`` in
-PyTorch between the two ops (``rademacher_sup``: the next layer's op, its transpose and a few reductions).
+Forward: a seed draw, ``fmd_stats`` (one kernel: statistics partials), then ``fmd_apply`` (one kernel: each
+program merges the partials, then distorts its tile); approx mode adds the next layer's ``K_M`` (one ``amax``),
+exact mode the ERC gradient ``D`` in PyTorch between the two ops (``rademacher_sup``: the next layer's op, its
+transpose and a few reductions).
 Backward: ``fmd_grad``, one kernel. No host synchronisation anywhere; the probability may be a 0-dim device
 tensor (the block seed rate then comes from :func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the
 kernels), so the ops can be captured in a CUDA graph and ``torch.compile(fullgraph=True)`` sees them as opaque
@@ -45,6 +46,7 @@ MAX_ELEMENTS = 1 << 30  # Philox counters and offsets are int32
 TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (8 warps; no spills on sm_90, see the tests)
 INTERPRET_TILE_ELEMENTS = 1 << 16  # the interpreter costs ~50 ms per program whatever its size: few, large tiles
 PROGRAMS_PER_SM = 4
+PARTS_BLOCK = 1024  # statistics partials merged per loop step by every apply program
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _T_SCALE = (RATE_TABLE_SIZE - 1) / RATE_TABLE_T_MAX
 
@@ -155,6 +157,15 @@ def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
                 programs=_target_programs(x4.device))
 
 
+def _parts_rows(x4: torch.Tensor, cfg: _Config) -> int:
+    """Rows of the statistics partials for any batch size (the tiles times the most batch splits :func:`plan`
+    makes), so that their shape does not depend on the batch: the fake implementation sees a symbolic one."""
+    programs = _target_programs(x4.device)
+    tiles = plan((1,) + tuple(operator.index(n) for n in x4.shape[1:]), operator.index(x4.stride(1)), cfg.kh, cfg.kw,
+                 gpu=x4.device.type == 'cuda', programs=programs)
+    return tiles.n_tiles * max(1, _cdiv(programs, tiles.n_tiles))
+
+
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """A canonical ``(B, C)`` / ``(B, C, L)`` / ``(B, C, H, W)`` map as a ``(B, C, H, W)`` view."""
     if t.ndim == 2:
@@ -190,45 +201,37 @@ def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
                 BC=tiles.bc, TH=tiles.th, TW=tiles.tw, num_warps=num_warps(tiles))
 
 
-def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
-                  rate: float, gamma: float, w_factor: float, config: List[int],
-                  report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], rate: float,
+                  config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import kernels
     cfg = _Config(*config)
     x4 = _as_4d(x)
     batch, channels, height, width = x4.shape
     tiles = _plan(x4, cfg)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    parts = torch.empty((tiles.n_tiles * tiles.n_split, 4), **f32)
-    g = torch.empty((tiles.n_split, channels, height, width), **f32) if cfg.exact else parts
-    stats = torch.empty(4, **f32)
-    coef = parts if cfg.exact else torch.empty(channels, **f32)
-    signs = parts
-    if report is not None and cfg.signed:
-        signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
+    parts = torch.empty((_parts_rows(x4, cfg), 4), dtype=torch.float32, device=x.device)  # the first n_tiles * n_split
+    g = torch.empty((tiles.n_split, channels, height, width) if cfg.exact else (0,), dtype=torch.float32,
+                    device=x.device)
     with _device_guard(x):
         kernels.fmd_stats_kernel[(tiles.n_tiles, tiles.n_split)](
-            x4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, g, rate, _T_SCALE, batch, channels, height, width,
-            *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact),
-            **_mask_args(cfg, tiles))
-        kernels.fmd_finalize_kernel[(1,)](
-            parts, stats, _or(k_max, stats), coef, seed, signs, parts.shape[0], float(x.numel()), gamma, w_factor,
-            channels, cfg.window, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km), SIGNED=bool(cfg.signed),
-            REPORT=report is not None, PB=1024, CB=64, WINP=_np2(cfg.window))
+            x4, seed, _or(prob, seed), _table(cfg, x4, parts), parts, _or(g if cfg.exact else None, parts), rate,
+            _T_SCALE, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh,
+            cfg.kw, EXACT=bool(cfg.exact), **_mask_args(cfg, tiles))
     if cfg.exact:  # G = sum over the batch chunks, in the map's canonical (C, *spatial) shape
-        coef = (g.sum(0) if tiles.n_split > 1 else g[0]).reshape((channels,) + tuple(x.shape[2:]))
-    return stats, coef
+        g = (g.sum(0) if tiles.n_split > 1 else g[0]).reshape((channels,) + tuple(x.shape[2:]))
+    return parts, g
 
 
-def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
-                  coef: torch.Tensor, rate: float, config: List[int], report: Optional[dict] = None) -> torch.Tensor:
+def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], parts: torch.Tensor,
+                  d: torch.Tensor, k_max: Optional[torch.Tensor], rate: float, gamma: float, w_factor: float,
+                  config: List[int], report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import kernels
     cfg = _Config(*config)
     out = torch.empty_like(x)
+    stats = torch.empty(4, dtype=torch.float32, device=x.device)
     x4, out4 = _as_4d(x), _as_4d(out)
     batch, channels, height, width = x4.shape
     tiles = _plan(x4, cfg)
-    reports = [stats] * 4
+    reports = [stats] * 5
     if report is not None:
         new = functools.partial(torch.zeros, device=x.device)
         report['mask'] = new(x4.shape, dtype=torch.int8)
@@ -236,40 +239,47 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
         report['normal'] = new(x4.shape, dtype=torch.float32)
         report['sigma'] = new(batch, dtype=torch.float32)
         reports = [report[k] for k in ('mask', 'seeds', 'normal', 'sigma')]
+        reports.append(new(k_max.shape, dtype=torch.int8) if cfg.signed else stats)
+        if cfg.signed:
+            report['weight_signs'] = reports[-1]
     with _device_guard(x):
         kernels.fmd_apply_kernel[(tiles.n_tiles, tiles.n_split)](
-            x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), stats, coef.contiguous(), *reports,
-            rate, _T_SCALE, float(cfg.window), batch, channels, height, width, *x4.stride(), *out4.stride(),
-            tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), REPORT=report is not None,
-            **_mask_args(cfg, tiles))
-    return out
+            x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, stats, d.contiguous(),
+            _or(k_max, stats), *reports, rate, _T_SCALE, tiles.n_tiles * tiles.n_split, float(x.numel()), gamma,
+            w_factor, cfg.window, batch, channels, height, width, *x4.stride(), *out4.stride(), tiles.b_chunk,
+            tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km), SIGNED=bool(cfg.signed),
+            REPORT=report is not None, PB=PARTS_BLOCK, WINP=_np2(cfg.window), **_mask_args(cfg, tiles))
+    return out, stats
 
 
 @torch.library.custom_op('timm_fmd::fmd_stats', mutates_args=())
-def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
-              rate: float, gamma: float, w_factor: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(stats, coef)``: stats = (std, scale, fraction, gamma * std) float32; coef = approx ``gamma std w_c``
-    ``(C,)`` or exact ``G`` ``(C, *spatial)``."""
-    return _launch_stats(x, seed, prob, k_max, rate, gamma, w_factor, config)
+def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], rate: float,
+              config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(parts, G)``: the statistics partials, one float32 row (n, mean, M2, distorted count) per program, and in
+    exact mode ``G`` ``(C, *spatial)`` (Eq. 8 / 18), else an empty tensor."""
+    return _launch_stats(x, seed, prob, rate, config)
 
 
 @_stats_op.register_fake
-def _(x, seed, prob, k_max, rate, gamma, w_factor, config):
+def _(x, seed, prob, rate, config):
     cfg = _Config(*config)
-    coef_shape = (x.shape[1],) + (tuple(x.shape[2:]) if cfg.exact else ())
-    return x.new_empty(4, dtype=torch.float32), x.new_empty(coef_shape, dtype=torch.float32)
+    g_shape = (x.shape[1],) + tuple(x.shape[2:]) if cfg.exact else (0,)
+    return (x.new_empty((_parts_rows(_as_4d(x), cfg), 4), dtype=torch.float32),
+            x.new_empty(g_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op('timm_fmd::fmd_apply', mutates_args=())
-def _apply_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
-              coef: torch.Tensor, rate: float, config: List[int]) -> torch.Tensor:
-    """The distorted map: ``where(m, value, x) * scale`` in x's dtype and memory format."""
-    return _launch_apply(x, seed, prob, stats, coef, rate, config)
+def _apply_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], parts: torch.Tensor,
+              d: torch.Tensor, k_max: Optional[torch.Tensor], rate: float, gamma: float, w_factor: float,
+              config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, stats)``: the distorted map ``where(m, value, x) * scale`` in x's dtype and memory format, and
+    stats = (std, scale, fraction, gamma * std) float32."""
+    return _launch_apply(x, seed, prob, parts, d, k_max, rate, gamma, w_factor, config)
 
 
 @_apply_op.register_fake
-def _(x, seed, prob, stats, coef, rate, config):
-    return torch.empty_like(x)
+def _(x, seed, prob, parts, d, k_max, rate, gamma, w_factor, config):
+    return torch.empty_like(x), x.new_empty(4, dtype=torch.float32)
 
 
 def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
@@ -300,16 +310,19 @@ def _(grad, seed, prob, stats, rate, config, strides):
     return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
 
 
+_APPLY_INPUTS = 10  # x, seed, prob, parts, d, k_max, rate, gamma, w_factor, config
+
+
 def _setup_context(ctx, inputs, output):
-    x, seed, prob, stats, coef, rate, config = inputs
-    ctx.save_for_backward(seed, prob, stats)  # the mask is regenerated, never saved
+    x, seed, prob, _, _, _, rate, _, _, config = inputs
+    ctx.save_for_backward(seed, prob, output[1])  # the stats; the mask is regenerated, never saved
     ctx.rate, ctx.config, ctx.strides = rate, config, list(x.stride())
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, _grad_stats):
     seed, prob, stats = ctx.saved_tensors
     dx = _grad_op(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
-    return dx, None, None, None, None, None, None
+    return (dx,) + (None,) * (_APPLY_INPUTS - 1)
 
 
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
@@ -320,14 +333,18 @@ class _EagerApply(torch.autograd.Function):
     of an op call; ``torch.compile`` traces the custom ops instead)."""
 
     @staticmethod
-    def forward(ctx, x, seed, prob, stats, coef, rate, config):
-        _setup_context(ctx, (x, seed, prob, stats, coef, rate, config), None)
-        return _launch_apply(x, seed, prob, stats, coef, rate, config)
+    def forward(ctx, *inputs):
+        out, stats = _launch_apply(*inputs)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros made for the stats' gradient in the backward
+        _setup_context(ctx, inputs, (out, stats))
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_stats):
         seed, prob, stats = ctx.saved_tensors
-        return _launch_grad(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides), *([None] * 6)
+        return (_launch_grad(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides),) + \
+            (None,) * (_APPLY_INPUTS - 1)
 
 
 def distort(
@@ -371,17 +388,17 @@ def distort(
                           int(k_max is not None)))
     seed = torch.randint(0, 2 ** 31 - 1, (1,), device=xc.device, **generator_kwargs(generator))
     if report is not None:
-        stats_fn, apply_fn = (functools.partial(_launch_stats, report=report),
-                              functools.partial(_launch_apply, report=report))
+        stats_fn, apply_fn = _launch_stats, functools.partial(_launch_apply, report=report)
     elif torch.compiler.is_compiling():
         stats_fn, apply_fn = _stats_op, _apply_op
     else:
         stats_fn, apply_fn = _launch_stats, _EagerApply.apply
-    stats, coef = stats_fn(xc.detach(), seed, prob_t, k_max, rate, gamma, w_factor, config)
+    parts, d = stats_fn(xc.detach(), seed, prob_t, rate, config)
     if exact:
         with torch.autocast(xc.device.type, enabled=False):
-            _, coef = rademacher_sup(next_layer, coef)  # D = K[k_hat]^T S[k_hat] (Eq. 14 / 22-24)
-    out = apply_fn(xc, seed, prob_t, stats, coef.to(torch.float32), rate, config)
+            _, d = rademacher_sup(next_layer, d)  # D = K[k_hat]^T S[k_hat] (Eq. 14 / 22-24) from G
+        d = d.to(torch.float32)
+    out, stats = apply_fn(xc, seed, prob_t, parts, d, k_max, rate, gamma, w_factor, config)
     return out, stats[2]
 
 

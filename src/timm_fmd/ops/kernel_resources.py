@@ -18,7 +18,7 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import kernels
-from .fused import num_warps, plan
+from .fused import PARTS_BLOCK, num_warps, plan
 from .masks import RATE_TABLE_SIZE
 
 # the last: ViT tokens (B, N, C) in canonical (B, C, 1, N)
@@ -32,7 +32,7 @@ def _signature(fn, types: Dict[str, str], constexprs: Dict[str, object]) -> Dict
             sig[name] = 'constexpr'
         elif name.endswith('_ptr') or name.endswith('_rep'):
             sig[name] = types.get(name, '*fp32')
-        elif name in ('rate', 't_scale', 'gamma', 'w_factor', 'numel', 'window'):
+        elif name in ('rate', 't_scale', 'gamma', 'w_factor', 'numel'):
             sig[name] = 'fp32'
         else:
             sig[name] = 'i32'
@@ -112,22 +112,19 @@ def kernel_resources(capability: int = 90, shapes=SHAPES, block_size: int = 7,
         mask = dict(BLOCK=block, SHARED=shared_mask, RATE_FROM=2, TABLE_SIZE=RATE_TABLE_SIZE, BC=tiles.bc,
                     TH=tiles.th, TW=tiles.tw)
         io = {'x_ptr': '*bf16', 'out_ptr': '*bf16', 'g_ptr': '*bf16', 'dx_ptr': '*bf16', 'seed_ptr': '*i64',
-              'mask_rep': '*i8', 'seed_rep': '*i8'}
+              'mask_rep': '*i8', 'seed_rep': '*i8', 'sign_rep': '*i8', 'km_ptr': '*bf16'}
+        # a 3x3 next conv seen by an approx site (signed K_M), the common case
+        apply = dict(HAS_KM=True, SIGNED=True, REPORT=False, PB=PARTS_BLOCK, WINP=16)
         variants = [
             ('stats approx', kernels.fmd_stats_kernel, dict(EXACT=False, **mask), {**io, 'g_ptr': '*fp32'}),
             ('stats exact', kernels.fmd_stats_kernel, dict(EXACT=True, **mask), {**io, 'g_ptr': '*fp32'}),
-            ('finalize', kernels.fmd_finalize_kernel,
-             dict(EXACT=False, HAS_KM=True, SIGNED=True, REPORT=False, PB=1024, CB=64, WINP=16), io),
-            ('apply approx', kernels.fmd_apply_kernel, dict(EXACT=False, REPORT=False, **mask), io),
-            ('apply exact', kernels.fmd_apply_kernel, dict(EXACT=True, REPORT=False, **mask), io),
+            ('apply approx', kernels.fmd_apply_kernel, dict(EXACT=False, **apply, **mask), io),
+            ('apply exact', kernels.fmd_apply_kernel, dict(EXACT=True, **apply, **mask), io),
             ('grad', kernels.fmd_grad_kernel, dict(mask), io),
         ]
         for name, fn, constexprs, types in variants:
-            if name == 'finalize' and rows and any(r['kernel'] == 'finalize' for r in rows):
-                continue  # shape-independent
-            warps = 4 if name == 'finalize' else num_warps(tiles)
-            usage = compile_kernel(fn, types, constexprs, capability, warps,
-                                   values=None if name == 'finalize' else values)
+            warps = num_warps(tiles)
+            usage = compile_kernel(fn, types, constexprs, capability, warps, values=values)
             rows.append(dict(kernel=name, shape=shape, layout='channels_last' if channels_last else 'contiguous',
                              mask='shared' if shared_mask else 'per-channel', tile=(tiles.bc, tiles.th, tiles.tw),
                              warps=warps, **usage))

@@ -1,24 +1,27 @@
 """Triton kernels of the fused FMD path (see :mod:`timm_fmd.ops.fused` for the op around them).
 
-Three kernels per forward and one per backward, each over tiles of the canonical ``(B, C, H, W)`` map
+Two kernels per forward and one per backward, each over tiles of the canonical ``(B, C, H, W)`` map
 (``(B, C)`` is ``H = W = 1``, ``(B, C, L)`` is ``H = 1, W = L``) addressed through strides, so contiguous,
 channels_last and any other strides need no copy:
 
 * :func:`fmd_stats_kernel` -- per program Chan/Welford partials ``(n, mean, M2)`` of ``x`` and the count of
   distorted elements; in exact mode also ``G = sum_b sigma_b x_b (1 - m_b)`` (Eq. 8 / 18) for its tile,
   looping over a chunk of the batch (deterministic, no atomics);
-* :func:`fmd_finalize_kernel` -- one program: ``std(x)`` (unbiased, over every element), the realised
-  fraction, ``scale = 1 / (1 - fraction)`` and, in approx mode, the per-channel coefficient
-  ``gamma * std * w_c`` (Eq. 15 / 22, the authors' ``w_c`` with random signs from the kernel's stream);
-* :func:`fmd_apply_kernel` -- ``out = where(m, value, x) * scale`` with ``value = -gamma std w_c z`` (approx)
-  or ``-sigma_b gamma std / |w| * D[c, h, w]`` (exact);
+* :func:`fmd_apply_kernel` -- each program first merges all the partials (``std(x)`` unbiased over every
+  element, the realised fraction, ``scale = 1 / (1 - fraction)``; program 0 stores them for the caller and the
+  backward) and, in approx mode, its channels' coefficient ``gamma * std * w_c`` (Eq. 15 / 22, the authors'
+  ``w_c`` with random signs from the kernel's stream); then ``out = where(m, value, x) * scale`` with
+  ``value = -gamma std w_c z`` (approx) or ``-sigma_b gamma std / |w| * D[c, h, w]`` (exact);
 * :func:`fmd_grad_kernel` -- ``grad_x = where(m, 0, grad * scale)``.
 
 The mask is never stored: every kernel regenerates it from the call's seed with counter-based Philox
 (``tl.rand``), as in seeded low-memory dropout. Random streams use the Philox key ``4 * seed + k`` (``k`` = 0
-block seeds / element uniforms, 1 normals, 2 weight signs, 3 sample signs) and the *logical* canonical index
-of the element (or seed position, channel-window entry, sample) as counter, so the draws do not depend on
-the memory layout. Block masks follow :func:`timm_fmd.ops.masks.block_mask`: seeds only at valid block
+block seeds / element uniforms, 1 normals of shared masks, 2 weight signs, 3 sample signs) and the *logical*
+canonical index of the element (or seed position, channel-window entry, sample) as counter, so the draws do
+not depend on the memory layout. Per-element draws take word 0 of Philox's four as the uniform; the approx
+normals of per-channel and element masks come from words 1 and 2 of the same evaluation (one Philox per
+element in :func:`fmd_apply_kernel` instead of two); those of shared masks, whose seeds are drawn per sample
+position, from stream 1. Block masks follow :func:`timm_fmd.ops.masks.block_mask`: seeds only at valid block
 starts ``(i <= H - kh, j <= W - kw)``, each grown into ``[i, i + kh) x [j, j + kw)``, here by two running-max
 scans in registers (last seed column within ``kw`` along a row, then last such row within ``kh``). A tile
 larger than the map holds a whole plane; a smaller one overlaps its neighbours by a halo of ``kh - 1`` rows /
@@ -93,24 +96,40 @@ def _grow(seeds, h, w, KH, KW, H_AXIS: tl.constexpr, W_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _mask(key, rate, b, c, h, w, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr):
-    """The distortion mask at ``(b, c, h, w)`` and the block seeds it grew from (``(1, TH, TW)`` when shared)."""
+def _own_mask(u, rate, h, w, H, W, KH, KW, BLOCK: tl.constexpr):
+    """A per-channel or element mask and the seeds it grew from, given each element's own uniform ``u``."""
     if BLOCK:
-        if SHARED:  # one seed field per sample, broadcast over the channels
-            # grown as a 2-D (TH, TW) field: Triton 3.6 fails to lower a scan over a (1, TH, TW) block in a
-            # channels-fastest layout (ScanOpToLLVM assertion, sm_90)
-            h2 = tl.sum(h, 0)  # (TH, 1)
-            w2 = tl.sum(w, 0)  # (1, TW)
-            seeds2 = (h2 <= H - KH) & (w2 <= W - KW) & (tl.rand(key, (b * H + h2) * W + w2) < rate)
-            m = _grow(seeds2, h2, w2, KH, KW, 0, 1)[None, :, :]
-            seeds = seeds2[None, :, :]
-        else:
-            seeds = (h <= H - KH) & (w <= W - KW) & (tl.rand(key, ((b * C + c) * H + h) * W + w) < rate)
-            m = _grow(seeds, h, w, KH, KW, 1, 2)
+        seeds = (h <= H - KH) & (w <= W - KW) & (u < rate)
+        m = _grow(seeds, h, w, KH, KW, 1, 2)
     else:
-        seeds = tl.rand(key, ((b * C + c) * H + h) * W + w) < rate
+        seeds = u < rate
         m = seeds
     return m, seeds
+
+
+@triton.jit
+def _mask(key, rate, b, c, h, w, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+    """The distortion mask at ``(b, c, h, w)`` and the block seeds it grew from (``(1, TH, TW)`` when shared)."""
+    if SHARED:  # block masks only: one seed field per sample, broadcast over the channels
+        # grown as a 2-D (TH, TW) field: Triton 3.6 fails to lower a scan over a (1, TH, TW) block in a
+        # channels-fastest layout (ScanOpToLLVM assertion, sm_90)
+        h2 = tl.sum(h, 0)  # (TH, 1)
+        w2 = tl.sum(w, 0)  # (1, TW)
+        seeds2 = (h2 <= H - KH) & (w2 <= W - KW) & (tl.rand(key, (b * H + h2) * W + w2) < rate)
+        m = _grow(seeds2, h2, w2, KH, KW, 0, 1)[None, :, :]
+        seeds = seeds2[None, :, :]
+    else:
+        m, seeds = _own_mask(tl.rand(key, ((b * C + c) * H + h) * W + w), rate, h, w, H, W, KH, KW, BLOCK)
+    return m, seeds
+
+
+@triton.jit
+def _uniform_and_normal(key, index):
+    """One Philox evaluation at ``index``: word 0 as the mask stream's uniform (``tl.rand(key, index)``) and a
+    standard normal from words 1 and 2 (Box-Muller, as ``tl.randn``) -- half the Philox work of two draws."""
+    i0, i1, i2, _ = tl.randint4x(key, index)
+    z, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
+    return tl.uint_to_uniform_float(i0), z
 
 
 @triton.jit
@@ -162,10 +181,11 @@ def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
 
 
 @triton.jit
-def fmd_finalize_kernel(part_ptr, stats_ptr, km_ptr, coef_ptr, seed_ptr, sign_ptr,
-                        n_parts, numel, gamma, w_factor, C, WIN,
-                        EXACT: tl.constexpr, HAS_KM: tl.constexpr, SIGNED: tl.constexpr, REPORT: tl.constexpr,
-                        PB: tl.constexpr, CB: tl.constexpr, WINP: tl.constexpr):
+def _statistics(part_ptr, n_parts, numel, gamma, PB: tl.constexpr):
+    """``(std, scale, fraction, step)`` of the whole map from :func:`fmd_stats_kernel`'s partials: ``std(x)``
+    unbiased over every element (Chan's merge), the realised fraction, ``scale = 1 / (1 - fraction)`` and
+    ``step = gamma * std``. Every apply program reduces the partials itself, in the same order (same values):
+    no one-program kernel between the two launches."""
     i = tl.arange(0, PB)
     total = 0.0
     weighted = 0.0
@@ -188,61 +208,75 @@ def fmd_finalize_kernel(part_ptr, stats_ptr, km_ptr, coef_ptr, seed_ptr, sign_pt
     std = tl.sqrt(m2 / tl.where(total > 1.0, total - 1.0, total))  # unbiased, as torch.std
     fraction = count / numel
     scale = tl.where(fraction < 1.0, 1.0 / (1.0 - fraction), 1.0)
-    step = gamma * std
-    tl.store(stats_ptr, std)
-    tl.store(stats_ptr + 1, scale)
-    tl.store(stats_ptr + 2, fraction)
-    tl.store(stats_ptr + 3, step)
-    if not EXACT:  # approx: coef_c = gamma * std * w_c
-        key = tl.load(seed_ptr).to(tl.int64) * 4
-        k = tl.arange(0, WINP)[None, :]
-        for c0 in range(0, C, CB):
-            c = c0 + tl.arange(0, CB)[:, None]
-            if HAS_KM:
-                entry = c * WIN + k
-                k_max = tl.load(km_ptr + entry, mask=(c < C) & (k < WIN), other=0.0).to(tl.float32)
-                if SIGNED:  # mean over the kernel window of random signs times K_M (Eq. 22, the authors' w_c)
-                    positive = tl.rand(key + 2, entry) < 0.5
-                    w = tl.sum(tl.where(positive, k_max, -k_max), axis=1) / WIN
-                    if REPORT:
-                        tl.store(sign_ptr + entry, positive.to(tl.int8), mask=(c < C) & (k < WIN))
-                else:  # linear next layer: w_c = K_M[c]
-                    w = tl.sum(k_max, axis=1)
-                w = w * w_factor
-            else:  # no next layer: the authors' fixed weight
-                w = tl.zeros((CB,), dtype=tl.float32) + w_factor
-            cc = c0 + tl.arange(0, CB)
-            tl.store(coef_ptr + cc, w * step, mask=cc < C)
+    return std, scale, fraction, gamma * std
 
 
 @triton.jit
-def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr, coef_ptr,
-                     mask_rep, seed_rep, normal_rep, sigma_rep,
-                     rate, t_scale, window, B, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, b_chunk, n_ht, n_wt,
-                     KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr,
-                     RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, REPORT: tl.constexpr,
-                     BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+def _approx_coef(km_ptr, sign_ptr, key, c0, C, WIN, w_factor, step, report_signs,
+                 HAS_KM: tl.constexpr, SIGNED: tl.constexpr, REPORT: tl.constexpr, BC: tl.constexpr,
+                 WINP: tl.constexpr):
+    """``gamma * std * w_c`` of the ``BC`` channels from ``c0`` (a ``(BC,)`` block): ``w_c`` is the mean over the
+    next conv's window of random signs times ``K_M`` (Eq. 22, the authors' ``w_c``; signs from stream 2), ``K_M[c]``
+    for a linear next layer, the fixed weight without one; times ``w_factor``."""
+    if HAS_KM:
+        c = c0 + tl.arange(0, BC)[:, None]
+        k = tl.arange(0, WINP)[None, :]
+        entry = c * WIN + k
+        ok = (c < C) & (k < WIN)
+        k_max = tl.load(km_ptr + entry, mask=ok, other=0.0).to(tl.float32)
+        if SIGNED:
+            positive = tl.rand(key + 2, entry) < 0.5
+            w = tl.sum(tl.where(positive, k_max, -k_max), axis=1) / WIN
+            if REPORT:
+                tl.store(sign_ptr + entry, positive.to(tl.int8), mask=ok & report_signs)
+        else:  # linear next layer: w_c = K_M[c]
+            w = tl.sum(k_max, axis=1)
+        w = w * w_factor
+    else:  # no next layer: the authors' fixed weight
+        w = tl.zeros((BC,), dtype=tl.float32) + w_factor
+    return w * step
+
+
+@triton.jit
+def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, stats_ptr, d_ptr, km_ptr,
+                     mask_rep, seed_rep, normal_rep, sigma_rep, sign_rep,
+                     rate, t_scale, n_parts, numel, gamma, w_factor, WIN, B, C, H, W, sxb, sxc, sxh, sxw,
+                     sob, soc, soh, sow, b_chunk, n_ht, n_wt, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr,
+                     EXACT: tl.constexpr, HAS_KM: tl.constexpr, SIGNED: tl.constexpr, RATE_FROM: tl.constexpr,
+                     TABLE_SIZE: tl.constexpr, REPORT: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr,
+                     TW: tl.constexpr, PB: tl.constexpr, WINP: tl.constexpr):
     split, key, r, c, h, w, own = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH,
                                            KW, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     x_offsets = c * sxc + h * sxh + w * sxw
     out_offsets = c * soc + h * soh + w * sow
-    scale = tl.load(stats_ptr + 1)
-    step = tl.load(stats_ptr + 3)
+    std, scale, fraction, step = _statistics(part_ptr, n_parts, numel, gamma, PB)
+    if (tl.program_id(0) == 0) & (split == 0):  # one program publishes them (the realised fraction; the backward)
+        tl.store(stats_ptr, std)
+        tl.store(stats_ptr + 1, scale)
+        tl.store(stats_ptr + 2, fraction)
+        tl.store(stats_ptr + 3, step)
     if EXACT:
-        d = tl.load(coef_ptr + (c * H + h) * W + w, mask=own, other=0.0)
-    else:
-        coef = tl.load(coef_ptr + c, mask=c < C, other=0.0)
+        d = tl.load(d_ptr + (c * H + h) * W + w, mask=own, other=0.0)
+    else:  # this tile's channels; the first spatial tile of the first split reports the signs (tests)
+        first = (tl.program_id(0) % (n_ht * n_wt) == 0) & (split == 0)
+        coef = _approx_coef(km_ptr, sign_rep, key, (tl.program_id(0) // (n_ht * n_wt)) * BC, C, WIN, w_factor, step,
+                            first, HAS_KM, SIGNED, REPORT, BC, WINP)[:, None, None]
     for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
         b = split * b_chunk + i
         if b < B:
             x = tl.load(x_ptr + b * sxb + x_offsets, mask=own, other=0.0).to(tl.float32)
-            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
             index = ((b * C + c) * H + h) * W + w  # logical canonical index
             if EXACT:
+                m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
                 sigma = _sample_sign(key, b)
-                value = -((sigma * (step / window)) * d)
+                value = -((sigma * (step / WIN)) * d)
             else:
-                z = tl.randn(key + 1, index)
+                if SHARED:  # the seeds are drawn per sample position: the normals from their own stream
+                    m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+                    z = tl.randn(key + 1, index)
+                else:  # the element's mask uniform and its normal from one Philox evaluation
+                    u, z = _uniform_and_normal(key, index)
+                    m, seeds = _own_mask(u, r, h, w, H, W, KH, KW, BLOCK)
                 value = -(coef * z)
             y = tl.where(m, value, x) * scale
             tl.store(out_ptr + b * sob + out_offsets, y.to(out_ptr.dtype.element_ty), mask=own)

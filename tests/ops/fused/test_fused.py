@@ -198,6 +198,10 @@ def test_normals_and_signs_are_standard():
     z = report['normal'].flatten()  # 32,768 draws: standard errors 0.0055 (mean) and 0.0039 (std)
     assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.02
     assert abs(report['mask'].float().mean().item() - 0.2) < 0.01  # element mask, 32,768 draws: s.e. 0.0022
+    # an element's mask uniform and its normal are words of one Philox evaluation: independent, so the normals
+    # of the ~6,550 distorted elements are standard too (s.e. 0.012 of their mean, 0.009 of their std)
+    distorted = z[report['mask'].flatten().bool()]
+    assert abs(distorted.mean().item()) < 0.05 and abs(distorted.std().item() - 1) < 0.04
     signs = report['weight_signs'].float()  # 288 signs: s.e. 0.03
     assert 0.35 < signs.mean().item() < 0.65
 
@@ -299,7 +303,7 @@ def test_forward_and_backward_dispatch_few_ops(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(self.name)
 
-    for name in ('fmd_stats_kernel', 'fmd_finalize_kernel', 'fmd_apply_kernel', 'fmd_grad_kernel'):
+    for name in ('fmd_stats_kernel', 'fmd_apply_kernel', 'fmd_grad_kernel'):
         monkeypatch.setattr(kernels, name, Recorder(name))
 
     class Ops(TorchDispatchMode):
@@ -320,10 +324,10 @@ def test_forward_and_backward_dispatch_few_ops(monkeypatch):
     with Ops() as forward:
         out = m(x)
     assert forward.names == ['amax', 'randint']
-    assert launches == ['fmd_stats_kernel', 'fmd_finalize_kernel', 'fmd_apply_kernel']
+    assert launches == ['fmd_stats_kernel', 'fmd_apply_kernel']
     with Ops() as backward:
         out.backward(upstream)
-    assert backward.names == [] and launches[3:] == ['fmd_grad_kernel']
+    assert backward.names == [] and launches[2:] == ['fmd_grad_kernel']
 
 
 def test_compiles_into_one_graph_with_the_custom_ops():
