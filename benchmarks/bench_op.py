@@ -10,6 +10,8 @@ synchronised call, host launch time included (what an eager training step pays).
 twice: the fused Triton path (what the op runs there) and the PyTorch reference path beside it, and "GPU ms" is
 the same forward+backward captured once in a CUDA graph and replayed: the GPU's time alone, without the host's
 (methods that are not capture-safe, the reference path, show "-"). "ms" minus "GPU ms" is the host's share.
+``--profile`` adds, for the first shape, each GPU kernel of one fused per-channel approx forward+backward with its
+launches and microseconds per call (torch.profiler): where the GPU time goes.
 "saved MB" is what autograd keeps for the backward pass (counted with saved-tensor hooks); on CUDA the peak
 allocated memory of one forward+backward is reported as well.
 """
@@ -112,6 +114,48 @@ def graph_seconds(fn: Callable[[], torch.Tensor], grad: torch.Tensor, x: torch.T
     return (time.perf_counter() - t0) / replays
 
 
+def kernel_profile(fn: Callable[[], torch.Tensor], grad: torch.Tensor, x: torch.Tensor,
+                   calls: int = 10) -> List[Tuple[str, float, float]]:
+    """``(kernel, launches per call, microseconds per call)`` of ``fn``'s forward+backward, most time first, from
+    torch.profiler: the GPU kernels on CUDA (their device time), the aten ops on CPU (their own CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = x.device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for _ in range(2):  # compiled kernels, cached tables
+        fn().backward(grad)
+        x.grad = None
+    _sync(x.device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn().backward(grad)
+            x.grad = None
+        _sync(x.device)
+    rows = []
+    for event in prof.key_averages():
+        on_device = event.device_type == torch.autograd.DeviceType.CUDA
+        if cuda and not on_device or not cuda and not event.key.startswith('aten::'):
+            continue
+        total = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if total > 0:
+            rows.append((event.key, event.count / calls, total / calls))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def print_kernel_profile(shape, device: torch.device, prob: float, block_size: int, gamma: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    next_conv = nn.Conv2d(shape[1], shape[1] // 4, 3, padding=1).to(device)
+    rows = kernel_profile(lambda: feature_map_distortion(x, prob, block_size=block_size, next_layer=next_conv,
+                                                         gamma=gamma), torch.ones_like(x), x)
+    where = 'GPU' if device.type == 'cuda' else 'CPU'
+    print(f'\nKernels of one per-channel block FMD approx forward+backward {tuple(shape)} '
+          f'({"fused" if device.type == "cuda" else "PyTorch path"}, torch.profiler):')
+    print(f"{'kernel':<60} | {'launches':>8} | {where + ' us':>8}")
+    for name, launches, us in rows:
+        print(f'{name[:60]:<60} | {launches:8.1f} | {us:8.1f}')
+    print(f"{'total':<60} | {sum(r[1] for r in rows):8.1f} | {sum(r[2] for r in rows):8.1f}")
+
+
 def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma: float,
                 graph_replays: int = GRAPH_REPLAYS) -> List[Dict]:
     torch.manual_seed(0)
@@ -188,6 +232,8 @@ def main() -> None:
     parser.add_argument('--block-size', type=int, default=7)
     parser.add_argument('--gamma', type=float, default=1.0)
     parser.add_argument('--threads', type=int, default=None, help='intra-op CPU threads (default: torch default)')
+    parser.add_argument('--profile', action='store_true',
+                        help="also each kernel's time in one per-channel approx call at the first shape")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,6 +256,8 @@ def main() -> None:
                 gpu = '-' if r['gpu_ms'] is None else f"{r['gpu_ms']:.3f}"
                 line += f" | {r['peak_mb']:8.1f} | {gpu:>8}"
             print(line)
+    if args.profile:
+        print_kernel_profile(args.shapes[0], device, args.prob, args.block_size, args.gamma)
     realised_fraction_table(args.prob, args.block_size, device)
 
 

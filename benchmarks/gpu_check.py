@@ -21,17 +21,19 @@ killed with its whole process group and reported as a timeout, so one hanging pa
    It runs within step 2's deadline, so steps 2-4 take at most ``--compile-timeout`` together.
 4. The compiled ResNet-50 is told to go (its timed rounds run with the GPU otherwise idle).
 5. Op benchmark (``--op-timeout``, default 25 s):
-   ``python benchmarks/bench_op.py --device cuda --shapes 32x1024x14x14``.
+   ``python benchmarks/bench_op.py --device cuda --shapes 32x1024x14x14 --profile``.
 6. ResNet-50 eager, and captured in CUDA graphs (``--eager-timeout``, default 45 s)::
 
-       python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last --repeats 10 \
+       python benchmarks/bench_resnet50.py --device cuda --batch-size 64 --amp --channels-last --repeats 10 \\
+           --variants "timm DropBlock,FMD shared approx,FMD per-channel approx,FMD per-channel exact" \\
            --cuda-graph "FMD per-channel approx,FMD shared approx,FMD per-channel exact"
 
 After the probe, at most 110 + 25 + 45 = 180 s of deadlines (plus up to 5 s to end each part that overran). The
 table has one row per measured item: the CUDA test counts (and every failed test by name), every op row at
 (32, 1024, 14, 14) with its wall time and its GPU time (the call replayed from a CUDA graph, no host launches),
-every ResNet-50 variant eager, compiled and captured (GPU time of the whole step), and the issue's targets beside
-the measured values (``met`` / ``missed``). The wall and GPU times side by side say whether a row is bound by the
+each GPU kernel of the fused per-channel approx call (launches and microseconds per call, torch.profiler), every
+ResNet-50 variant with a target (and timm's DropBlock) eager, compiled and captured (GPU time of the whole step),
+and the issue's targets beside the measured values (``met`` / ``missed``). The wall and GPU times side by side say whether a row is bound by the
 host's launches or by the GPU. Op rows are matched by name: a target's row is the FMD row of its mode and mask
 kind that is not the reference, the authors' formula or timm's (``fused`` preferred when several match).
 
@@ -62,6 +64,7 @@ OP_SHAPE = '(32, 1024, 14, 14)'
 OP_SHAPE_ARG = '32x1024x14x14'
 R50_ARGS = ['--device', 'cuda', '--batch-size', '64', '--amp', '--channels-last', '--repeats', '10']
 COMPILED_VARIANTS = 'FMD per-channel approx'
+EAGER_VARIANTS = 'timm DropBlock,FMD shared approx,FMD per-channel approx,FMD per-channel exact'
 GRAPH_VARIANTS = 'FMD per-channel approx,FMD shared approx,FMD per-channel exact'
 GRAPH_SUFFIX = ' (CUDA graph)'  # bench_resnet50's rows of captured steps
 PROBE_TIMEOUT = 30.0  # a cold first import of torch on a fresh machine
@@ -309,6 +312,9 @@ def op_rows(outcome: Outcome, budget: float) -> List[Row]:
         value = number(r.get('saved MB', '')) if r is not None else None
         out.append([memory_part, r['method'] if r is not None else t.item,
                     f'{value:g} MB' if value is not None else 'no such row', t.text(), t.verdict(value)])
+    kernels = f'op kernels {OP_SHAPE}, per-channel approx fused fwd+bwd'
+    for r in parse_table(outcome.output, 'kernel'):  # bench_op --profile: where the GPU time of one call goes
+        out.append([kernels, r['kernel'], f"{r['GPU us']} us GPU per call ({r['launches']} launches)", '', ''])
     return out
 
 
@@ -369,8 +375,8 @@ def gpu_commands(py: str, go: Path) -> Dict[str, List[str]]:
     r50 = [py, 'benchmarks/bench_resnet50.py', *R50_ARGS]
     return {'compiled': r50 + ['--compile', '--variants', COMPILED_VARIANTS, '--wait-for', str(go)],
             'tests': [py, '-m', 'pytest', '-m', 'cuda', '-v', '-p', 'no:cacheprovider', '--tb=short', *XDIST],
-            'op': [py, 'benchmarks/bench_op.py', '--device', 'cuda', '--shapes', OP_SHAPE_ARG],
-            'eager': r50 + ['--cuda-graph', GRAPH_VARIANTS]}
+            'op': [py, 'benchmarks/bench_op.py', '--device', 'cuda', '--shapes', OP_SHAPE_ARG, '--profile'],
+            'eager': r50 + ['--variants', EAGER_VARIANTS, '--cuda-graph', GRAPH_VARIANTS]}
 
 
 def run_gpu_parts(commands: Dict[str, List[str]], go: Path, env: Dict[str, str], logs: Path,

@@ -55,3 +55,14 @@ def test_graph_seconds_warms_up_captures_once_and_times_the_replays():
     seconds = bench.graph_seconds(fn, torch.ones_like(x), x, replays=5, backend=backend)
     assert backend.log == ['eager', 'eager', 'capture'] + ['replay'] * 5
     assert len(calls) == 2 + 5 and seconds > 0
+
+
+def test_kernel_profile_counts_each_kernel_per_call():
+    """On CPU the 'kernels' are aten ops: a multiply and its backward, per call."""
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    rows = bench.kernel_profile(lambda: x * 3.0, torch.ones_like(x), x, calls=4)
+    launches = {name: n for name, n, _ in rows}
+    assert launches['aten::mul'] == 2.0  # forward, and the backward's grad * 3
+    assert all(name.startswith('aten::') and us > 0 for name, _, us in rows)
+    assert [us for _, _, us in rows] == sorted((us for _, _, us in rows), reverse=True)
+    assert x.grad is None

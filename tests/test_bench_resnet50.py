@@ -37,8 +37,14 @@ def test_variants_option():
 
 
 def test_cuda_graph_option_needs_cuda_and_names_known_variants(monkeypatch, capsys):
-    assert bench.parse_variants('FMD per-channel approx,FMD shared approx,FMD per-channel exact') == [
-        'plain', 'FMD shared approx', 'FMD per-channel approx', 'FMD per-channel exact']  # gpu_check's choice
+    spec = importlib.util.spec_from_file_location('gpu_check', ROOT / 'benchmarks' / 'gpu_check.py')
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, 'gpu_check', gpu_check)  # its dataclasses resolve annotations through it
+    spec.loader.exec_module(gpu_check)
+    assert bench.parse_variants(gpu_check.GRAPH_VARIANTS) == [
+        'plain', 'FMD shared approx', 'FMD per-channel approx', 'FMD per-channel exact']  # gpu_check's choices
+    assert bench.parse_variants(gpu_check.EAGER_VARIANTS) == [
+        'plain', 'timm DropBlock', 'FMD shared approx', 'FMD per-channel approx', 'FMD per-channel exact']
     monkeypatch.setattr(sys, 'argv', ['bench_resnet50.py', '--device', 'cpu', '--cuda-graph', 'FMD shared approx'])
     with pytest.raises(SystemExit) as exit_info:
         bench.main()

@@ -28,6 +28,12 @@ BENCH_OP = """device=cuda torch=2.11.0+cu130 threads=16 prob=0.1 block=7 repeats
 (32, 1024, 14, 14) | per-channel  authors' formula    |     1.40 |   2.52x |     82.6 |    171.6 |    0.400
   (32, 2048, 7, 7) | per-channel  block FMD approx fused |     0.90 |   1.55x |      0.0 |     88.8 |    0.030
 
+Kernels of one per-channel block FMD approx forward+backward (32, 1024, 14, 14) (fused, torch.profiler):
+kernel                                                       | launches |   GPU us
+fmd_apply_kernel                                             |      1.0 |     60.5
+fmd_grad_kernel                                              |      1.0 |     30.1
+total                                                        |      2.0 |     90.6
+
 Realised distorted fraction at nominal prob 0.1, block 7 (64x256 maps, one draw):
    map | timm DropBlock2d | authors (valid centres) | timm-fmd | timm-fmd expected
   7x7  |            0.930 |                   0.096 |    0.101 |            0.1000
@@ -113,6 +119,10 @@ def test_rows_put_measured_values_beside_the_targets():
         ('torch.compile', 'FMD per-channel approx'): ('1.03x (20.6 ms)', 'met'),  # <= 1.05x
     }
     assert sum(r[0] == 'op fwd+bwd (32, 1024, 14, 14)' for r in rows) == 7  # every row at that shape, no other
+    kernels = [r[1:3] for r in rows if r[0].startswith('op kernels')]
+    assert kernels == [['fmd_apply_kernel', '60.5 us GPU per call (1.0 launches)'],
+                       ['fmd_grad_kernel', '30.1 us GPU per call (1.0 launches)'],
+                       ['total', '90.6 us GPU per call (2.0 launches)']]
     reference = next(r for r in rows if r[1] == 'per-channel  block FMD approx reference')
     assert reference[2] == '1.44 ms (2.60x timm)'  # not captured: no GPU time
     graphed = [r[1:] for r in rows if r[0] == 'ResNet-50 step b64 bf16 CL, CUDA graph']
@@ -129,10 +139,12 @@ def test_a_step_that_could_not_be_captured_fails_the_check():
     assert gc.exit_status(rows, cuda=True) == gc.EXIT_FAILED
 
 
-def test_gpu_commands_time_one_op_shape_and_the_captured_steps(tmp_path):
+def test_gpu_commands_time_one_op_shape_its_kernels_and_the_captured_steps(tmp_path):
     commands = gc.gpu_commands('python', tmp_path / 'go')
-    assert commands['op'][-2:] == ['--shapes', '32x1024x14x14']
-    assert commands['eager'][-2:] == ['--cuda-graph', 'FMD per-channel approx,FMD shared approx,FMD per-channel exact']
+    assert commands['op'][-3:] == ['--shapes', '32x1024x14x14', '--profile']
+    assert commands['eager'][-4:] == ['--variants', gc.EAGER_VARIANTS, '--cuda-graph', gc.GRAPH_VARIANTS]
+    eager_targets = {t.item for t in gc.TARGETS if t.part == 'eager'}
+    assert eager_targets <= set(gc.EAGER_VARIANTS.split(','))  # every eager target is timed
     assert str(tuple(int(n) for n in gc.OP_SHAPE_ARG.split('x'))) == gc.OP_SHAPE  # the rows read are the rows timed
 
 
