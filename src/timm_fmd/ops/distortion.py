@@ -180,7 +180,7 @@ def _distort(
     check_choice(mode, 'mode', ('approx', 'exact'))
     layout = _resolve_layout(layout, x.ndim)
     channel_dim = layout.index('C')
-    xc = x.movedim(channel_dim, 1)  # canonical (B, C, *spatial); a view, dense when x is
+    xc = x if channel_dim == 1 else x.movedim(channel_dim, 1)  # canonical (B, C, *spatial); a view, dense when x is
     if not _is_dense(x):
         xc = xc.contiguous()
     batch, channels, spatial = xc.shape[0], xc.shape[1], tuple(xc.shape[2:])
@@ -202,7 +202,7 @@ def _distort(
     if fused.applies(xc, lam=lam, steps=steps, mask=mask, noise=noise):
         out, fraction = fused.distort(xc, prob, gamma=gamma, exact=exact, next_layer=next_layer, block_size=block_size,
                                       shared_mask=shared_mask, generator=generator)
-        return out.movedim(1, channel_dim), fraction
+        return (out if channel_dim == 1 else out.movedim(1, channel_dim)), fraction
 
     if mask is None:
         if block_size is None:

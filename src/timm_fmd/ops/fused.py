@@ -247,8 +247,9 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
             x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, stats, d.contiguous(),
             _or(k_max, stats), *reports, rate, _T_SCALE, tiles.n_tiles * tiles.n_split, float(x.numel()), gamma,
             w_factor, cfg.window, batch, channels, height, width, *x4.stride(), *out4.stride(), tiles.b_chunk,
-            tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km), SIGNED=bool(cfg.signed),
-            REPORT=report is not None, PB=PARTS_BLOCK, WINP=_np2(cfg.window), **_mask_args(cfg, tiles))
+            tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km),
+            SIGNED=bool(cfg.signed), REPORT=report is not None, PB=PARTS_BLOCK, WINP=_np2(cfg.window),
+            **_mask_args(cfg, tiles))
     return out, stats
 
 

@@ -77,13 +77,17 @@ class NextLayer:
         return self._weight if self.module is None else self.module.weight.detach()
 
     @property
+    def _shape(self) -> torch.Size:
+        return (self._weight if self.module is None else self.module.weight).shape  # no detached view: host time
+
+    @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self._shape[1] * self.groups
 
     @property
     def window(self) -> int:
         """Kernel area ``kh * kw`` (1 for a linear layer)."""
-        return 1 if self.kind == 'linear' else self.weight.shape[2] * self.weight.shape[3]
+        return 1 if self.kind == 'linear' else self._shape[2] * self._shape[3]
 
     def check_fits(self, channels: int, spatial_dims: int) -> None:
         """Raise ``ValueError`` unless this layer can consume a map of ``channels`` x ``spatial_dims`` dims."""
