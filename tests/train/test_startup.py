@@ -233,7 +233,10 @@ def test_sigint_prints_one_line_and_exits_130(tmp_path):
                              '16', '--epochs', '50', '-j', '0', '--log-interval', '1', '--checkpoint-interval', '1',
                              '--output', str(tmp_path), '--experiment', 'run'], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TIMM_FMD_CACHE=str(tmp_path / 'cache'), OMP_NUM_THREADS='1'))
+                            env=dict(os.environ, TIMM_FMD_CACHE=str(tmp_path / 'cache'), OMP_NUM_THREADS='1'),
+                            # a suite started in the background (`cmd &`) inherits SIGINT ignored, and Python then
+                            # installs no KeyboardInterrupt handler: give the run the default disposition
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if line.startswith('epoch 1/50 [2/'):  # step 1's checkpoint is written before step 2 is reported
