@@ -110,6 +110,8 @@ class _Plan(NamedTuple):
     n_tiles: int
     n_split: int
     b_chunk: int
+    w_step: int  # columns from one tile's start to the next's
+    packed: bool  # every tile starts at a multiple of 4 columns and is a multiple of 4 wide: packed Philox draws
 
 
 def _np2(n: int) -> int:
@@ -127,13 +129,17 @@ def _target_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=4096)  # called three times per op call with the same few shapes: host time
 def plan(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: int, *, gpu: bool,
          programs: int) -> _Plan:
     """Tiles and grid for a ``(B, C, H, W)`` map: a register tile of at most ``TILE_ELEMENTS`` on a GPU
     (``INTERPRET_TILE_ELEMENTS`` in the interpreter), and enough batch chunks for ``programs`` programs."""
+    return _tiles(shape, channel_stride, kh, kw, gpu, programs, TILE_ELEMENTS if gpu else INTERPRET_TILE_ELEMENTS)
+
+
+@functools.lru_cache(maxsize=4096)  # called three times per op call with the same few shapes: host time
+def _tiles(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: int, gpu: bool, programs: int,
+           budget: int) -> _Plan:
     batch, channels, height, width = shape
-    budget = TILE_ELEMENTS if gpu else INTERPRET_TILE_ELEMENTS
     # channels fastest in memory (channels_last, NHWC, tokens): enough channels per tile for coalesced access
     min_bc = 16 if channel_stride == 1 and channels > 1 and gpu else 1
     th, tw = _np2(height), _np2(width)
@@ -146,10 +152,13 @@ def plan(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: int
             tw //= 2
     bc = min(_np2(channels), max(1, budget // (th * tw)))
     n_ht = 1 if height <= th else 1 + _cdiv(height - th, th - kh + 1)
-    n_wt = 1 if width <= tw else 1 + _cdiv(width - tw, tw - kw + 1)
+    step = tw - kw + 1  # the most columns a tile may advance: its halo holds the KW - 1 before its own
+    w_step = step // 4 * 4 if step >= 4 else step  # a multiple of 4 where it can: the kernels' Philox draws pack
+    n_wt = 1 if width <= tw else 1 + _cdiv(width - tw, w_step)
     n_tiles = _cdiv(channels, bc) * n_ht * n_wt
     b_chunk = _cdiv(batch, min(batch, max(1, _cdiv(programs, n_tiles))))
-    return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk)
+    packed = tw % 4 == 0 and (n_wt == 1 or w_step % 4 == 0)
+    return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk, w_step, packed)
 
 
 def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
@@ -198,7 +207,7 @@ def _table(cfg: _Config, x4: torch.Tensor, unused: torch.Tensor) -> torch.Tensor
 
 def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
     return dict(BLOCK=bool(cfg.block), SHARED=bool(cfg.shared), RATE_FROM=cfg.rate_from, TABLE_SIZE=RATE_TABLE_SIZE,
-                BC=tiles.bc, TH=tiles.th, TW=tiles.tw, num_warps=num_warps(tiles))
+                BC=tiles.bc, TH=tiles.th, TW=tiles.tw, PACKED=tiles.packed, num_warps=num_warps(tiles))
 
 
 def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], rate: float,
@@ -214,8 +223,8 @@ def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     with _device_guard(x):
         kernels.fmd_stats_kernel[(tiles.n_tiles, tiles.n_split)](
             x4, seed, _or(prob, seed), _table(cfg, x4, parts), parts, _or(g if cfg.exact else None, parts), rate,
-            _T_SCALE, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh,
-            cfg.kw, EXACT=bool(cfg.exact), **_mask_args(cfg, tiles))
+            _T_SCALE, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt,
+            tiles.w_step, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), **_mask_args(cfg, tiles))
     if cfg.exact:  # G = sum over the batch chunks, in the map's canonical (C, *spatial) shape
         g = (g.sum(0) if tiles.n_split > 1 else g[0]).reshape((channels,) + tuple(x.shape[2:]))
     return parts, g
@@ -247,7 +256,7 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
             x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, stats, d.contiguous(),
             _or(k_max, stats), *reports, rate, _T_SCALE, tiles.n_tiles * tiles.n_split, float(x.numel()), gamma,
             w_factor, cfg.window, batch, channels, height, width, *x4.stride(), *out4.stride(), tiles.b_chunk,
-            tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km),
+            tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km),
             SIGNED=bool(cfg.signed), REPORT=report is not None, PB=PARTS_BLOCK, WINP=_np2(cfg.window),
             **_mask_args(cfg, tiles))
     return out, stats
@@ -294,7 +303,7 @@ def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Te
     with _device_guard(grad):
         kernels.fmd_grad_kernel[(tiles.n_tiles, tiles.n_split)](
             g4, dx4, seed, _or(prob, seed), _table(cfg, g4, stats), stats, rate, _T_SCALE, batch, channels, height,
-            width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, cfg.kh, cfg.kw,
+            width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw,
             **_mask_args(cfg, tiles))
     return dx
 

@@ -90,7 +90,7 @@ def _launch_values(shape: Tuple[int, int, int, int], channels_last: bool, tiles,
     else:
         strides = (channels * height * width, height * width, width, 1)
     values = dict(B=batch, C=channels, H=height, W=width, b_chunk=tiles.b_chunk, n_ht=tiles.n_ht, n_wt=tiles.n_wt,
-                  KH=kh, KW=kw)
+                  w_step=tiles.w_step, KH=kh, KW=kw)
     for prefix in ('sx', 'so', 'sg', 'sd'):
         values.update(zip((prefix + a for a in 'bchw'), strides))
     return values
@@ -110,7 +110,7 @@ def kernel_resources(capability: int = 90, shapes=SHAPES, block_size: int = 7,
         tiles = plan(shape, 1 if channels_last else height * width, kh, kw, gpu=True, programs=4 * 132)
         values = _launch_values(shape, channels_last, tiles, kh, kw)
         mask = dict(BLOCK=block, SHARED=shared_mask, RATE_FROM=2, TABLE_SIZE=RATE_TABLE_SIZE, BC=tiles.bc,
-                    TH=tiles.th, TW=tiles.tw)
+                    TH=tiles.th, TW=tiles.tw, PACKED=tiles.packed)
         io = {'x_ptr': '*bf16', 'out_ptr': '*bf16', 'g_ptr': '*bf16', 'dx_ptr': '*bf16', 'seed_ptr': '*i64',
               'mask_rep': '*i8', 'seed_rep': '*i8', 'sign_rep': '*i8', 'km_ptr': '*bf16'}
         # a 3x3 next conv seen by an approx site (signed K_M), the common case

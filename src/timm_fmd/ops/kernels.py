@@ -14,14 +14,13 @@ channels_last and any other strides need no copy:
   ``value = -gamma std w_c z`` (approx) or ``-sigma_b gamma std / |w| * D[c, h, w]`` (exact);
 * :func:`fmd_grad_kernel` -- ``grad_x = where(m, 0, grad * scale)``.
 
-The mask is never stored: every kernel regenerates it from the call's seed with counter-based Philox
-(``tl.rand``), as in seeded low-memory dropout. Random streams use the Philox key ``4 * seed + k`` (``k`` = 0
-block seeds / element uniforms, 1 normals of shared masks, 2 weight signs, 3 sample signs) and the *logical*
-canonical index of the element (or seed position, channel-window entry, sample) as counter, so the draws do
-not depend on the memory layout. Per-element draws take word 0 of Philox's four as the uniform; the approx
-normals of per-channel and element masks come from words 1 and 2 of the same evaluation (one Philox per
-element in :func:`fmd_apply_kernel` instead of two); those of shared masks, whose seeds are drawn per sample
-position, from stream 1. Block masks follow :func:`timm_fmd.ops.masks.block_mask`: seeds only at valid block
+The mask is never stored: every kernel regenerates it from the call's seed with counter-based Philox, as in
+seeded low-memory dropout. Random streams use the Philox key ``4 * seed + k`` (``k`` = 0 block seeds / element
+uniforms, 1 normals, 2 weight signs, 3 sample signs) and *logical* canonical indices as counters, so the draws do
+not depend on the memory layout or the tiling: a per-element draw at ``(row, w)`` (``row`` the canonical
+``(b, c, h)`` or, for a shared seed field, ``(b, h)``) takes word ``w % 4`` of Philox at counter
+``row * ceil(W / 4) + w // 4`` (:func:`_draw`): one evaluation serves four elements, a quarter of the Philox work
+of ``tl.rand`` per element. Block masks follow :func:`timm_fmd.ops.masks.block_mask`: seeds only at valid block
 starts ``(i <= H - kh, j <= W - kw)``, each grown into ``[i, i + kh) x [j, j + kw)``, here by two running-max
 scans in registers (last seed column within ``kw`` along a row, then last such row within ``kh``). A tile
 larger than the map holds a whole plane; a smaller one overlaps its neighbours by a halo of ``kh - 1`` rows /
@@ -59,31 +58,67 @@ def _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM: tl.constexpr, TABL
 
 
 @triton.jit
-def _tile(tile, n_ht, n_wt, C, H, W, KH, KW, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Canonical indices ``c (BC,1,1)``, ``h (1,TH,1)``, ``w (1,1,TW)`` of a tile and the elements it owns."""
+def _tile(tile, n_ht, n_wt, w_step, C, H, W, KH, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Canonical indices ``c (BC,1,1)``, ``h (1,TH,1)``, ``w (1,1,TW)`` of a tile, the elements it owns and its first
+    column ``ws``."""
     wt = tile % n_wt
     ht = (tile // n_wt) % n_ht
     ct = tile // (n_wt * n_ht)
-    hs = ht * (TH - KH + 1)  # consecutive tiles overlap by the halo of KH - 1 rows (KW - 1 columns)
-    ws = wt * (TW - KW + 1)
+    hs = ht * (TH - KH + 1)  # consecutive tiles overlap by a halo of KH - 1 rows
+    ws = wt * w_step  # ... and of TW - w_step >= KW - 1 columns (w_step: a multiple of 4 where it can, fused.plan)
     c = ct * BC + tl.arange(0, BC)[:, None, None]
     h = hs + tl.arange(0, TH)[None, :, None]
     w = ws + tl.arange(0, TW)[None, None, :]
     own_h = (h >= hs + tl.where(ht > 0, KH - 1, 0)) & (h < H)
-    own_w = (w >= ws + tl.where(wt > 0, KW - 1, 0)) & (w < W)
+    own_w = (w >= ws + tl.where(wt > 0, TW - w_step, 0)) & (w < W)
     own = (c < C) & own_h & own_w
-    return c, h, w, own
+    return c, h, w, own, ws
 
 
 @triton.jit
-def _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH, KW,
+def _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, w_step, C, H, W, KH,
              RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr,
              TW: tl.constexpr):
     """What every tiled kernel starts from: its batch split, the call's Philox key, the seed rate and its tile."""
     key = tl.load(seed_ptr).to(tl.int64) * 4
     r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
-    c, h, w, own = _tile(tl.program_id(0), n_ht, n_wt, C, H, W, KH, KW, BC, TH, TW)
-    return tl.program_id(1), key, r, c, h, w, own
+    c, h, w, own, ws = _tile(tl.program_id(0), n_ht, n_wt, w_step, C, H, W, KH, BC, TH, TW)
+    return tl.program_id(1), key, r, c, h, w, own, ws
+
+
+@triton.jit
+def _draw(key, row, ws, w, W, NORMAL: tl.constexpr, TWO_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+          TW: tl.constexpr, PACKED: tl.constexpr):
+    """One draw per element of a ``(D0, D1, TW)`` tile (``(D1, TW)`` if ``TWO_D``) whose rows have the logical
+    indices ``row`` and columns ``w = ws + [0, TW)``: a uniform, or a standard normal if ``NORMAL``.
+
+    Element ``(row, w)`` takes word ``w % 4`` of Philox at counter ``row * ceil(W / 4) + w // 4`` (uniforms as
+    ``tl.rand``; normals by Box-Muller, cos and sin of words 0-1 and of words 2-3), so one Philox evaluation serves
+    four elements. ``PACKED`` (the tile's first column and width are multiples of 4): evaluated once per four
+    columns and interleaved; else once per element, each keeping its word -- the same values either way."""
+    wq = (W + 3) // 4
+    if PACKED:
+        i0, i1, i2, i3 = tl.randint4x(key, row * wq + (ws // 4 + tl.arange(0, TW // 4)))
+    else:
+        i0, i1, i2, i3 = tl.randint4x(key, row * wq + w // 4)
+    if NORMAL:
+        v0, v1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i0), tl.uint_to_uniform_float(i1))
+        v2, v3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2), tl.uint_to_uniform_float(i3))
+    else:
+        v0 = tl.uint_to_uniform_float(i0)
+        v1 = tl.uint_to_uniform_float(i1)
+        v2 = tl.uint_to_uniform_float(i2)
+        v3 = tl.uint_to_uniform_float(i3)
+    if PACKED:  # (..., TW / 4, 2, 2) with [q, i, j] = v[2i + j]: row-major, column 4q + r holds v_r
+        both = tl.join(tl.join(v0, v2), tl.join(v1, v3))
+        if TWO_D:
+            out = tl.reshape(both, (D1, TW))
+        else:
+            out = tl.reshape(both, (D0, D1, TW))
+    else:
+        r = w % 4
+        out = tl.where(r == 0, v0, tl.where(r == 1, v1, tl.where(r == 2, v2, v3)))
+    return out
 
 
 @triton.jit
@@ -108,28 +143,22 @@ def _own_mask(u, rate, h, w, H, W, KH, KW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _mask(key, rate, b, c, h, w, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+def _mask(key, rate, b, c, h, w, ws, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr,
+          BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, PACKED: tl.constexpr):
     """The distortion mask at ``(b, c, h, w)`` and the block seeds it grew from (``(1, TH, TW)`` when shared)."""
     if SHARED:  # block masks only: one seed field per sample, broadcast over the channels
         # grown as a 2-D (TH, TW) field: Triton 3.6 fails to lower a scan over a (1, TH, TW) block in a
         # channels-fastest layout (ScanOpToLLVM assertion, sm_90)
         h2 = tl.sum(h, 0)  # (TH, 1)
         w2 = tl.sum(w, 0)  # (1, TW)
-        seeds2 = (h2 <= H - KH) & (w2 <= W - KW) & (tl.rand(key, (b * H + h2) * W + w2) < rate)
+        u = _draw(key, b * H + h2, ws, w2, W, False, True, 1, TH, TW, PACKED)
+        seeds2 = (h2 <= H - KH) & (w2 <= W - KW) & (u < rate)
         m = _grow(seeds2, h2, w2, KH, KW, 0, 1)[None, :, :]
         seeds = seeds2[None, :, :]
     else:
-        m, seeds = _own_mask(tl.rand(key, ((b * C + c) * H + h) * W + w), rate, h, w, H, W, KH, KW, BLOCK)
+        u = _draw(key, (b * C + c) * H + h, ws, w, W, False, False, BC, TH, TW, PACKED)
+        m, seeds = _own_mask(u, rate, h, w, H, W, KH, KW, BLOCK)
     return m, seeds
-
-
-@triton.jit
-def _uniform_and_normal(key, index):
-    """One Philox evaluation at ``index``: word 0 as the mask stream's uniform (``tl.rand(key, index)``) and a
-    standard normal from words 1 and 2 (Box-Muller, as ``tl.randn``) -- half the Philox work of two draws."""
-    i0, i1, i2, _ = tl.randint4x(key, index)
-    z, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
-    return tl.uint_to_uniform_float(i0), z
 
 
 @triton.jit
@@ -141,11 +170,12 @@ def _sample_sign(key, b):
 
 @triton.jit
 def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
-                     rate, t_scale, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_ht, n_wt, KH, KW,
+                     rate, t_scale, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_ht, n_wt, w_step, KH, KW,
                      BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr, RATE_FROM: tl.constexpr,
-                     TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    split, key, r, c, h, w, own = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH,
-                                           KW, RATE_FROM, TABLE_SIZE, BC, TH, TW)
+                     TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                     PACKED: tl.constexpr):
+    split, key, r, c, h, w, own, ws = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, w_step, C,
+                                               H, W, KH, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     offsets = c * sxc + h * sxh + w * sxw
     n_tile = tl.sum(own.to(tl.float32))
     count = 0.0
@@ -157,7 +187,7 @@ def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
         b = split * b_chunk + i
         if b < B:
             x = tl.load(x_ptr + b * sxb + offsets, mask=own, other=0.0).to(tl.float32)
-            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            m, seeds = _mask(key, r, b, c, h, w, ws, C, H, W, KH, KW, BLOCK, SHARED, BC, TH, TW, PACKED)
             distorted = m & own
             count += tl.sum(distorted.to(tl.float32))
             # Chan et al.'s merge of this sample's tile statistics into the running ones
@@ -241,12 +271,13 @@ def _approx_coef(km_ptr, sign_ptr, key, c0, C, WIN, w_factor, step, report_signs
 def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, stats_ptr, d_ptr, km_ptr,
                      mask_rep, seed_rep, normal_rep, sigma_rep, sign_rep,
                      rate, t_scale, n_parts, numel, gamma, w_factor, WIN, B, C, H, W, sxb, sxc, sxh, sxw,
-                     sob, soc, soh, sow, b_chunk, n_ht, n_wt, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr,
-                     EXACT: tl.constexpr, HAS_KM: tl.constexpr, SIGNED: tl.constexpr, RATE_FROM: tl.constexpr,
-                     TABLE_SIZE: tl.constexpr, REPORT: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr,
-                     TW: tl.constexpr, PB: tl.constexpr, WINP: tl.constexpr):
-    split, key, r, c, h, w, own = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH,
-                                           KW, RATE_FROM, TABLE_SIZE, BC, TH, TW)
+                     sob, soc, soh, sow, b_chunk, n_ht, n_wt, w_step, KH, KW, BLOCK: tl.constexpr,
+                     SHARED: tl.constexpr, EXACT: tl.constexpr, HAS_KM: tl.constexpr, SIGNED: tl.constexpr,
+                     RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, REPORT: tl.constexpr, BC: tl.constexpr,
+                     TH: tl.constexpr, TW: tl.constexpr, PACKED: tl.constexpr, PB: tl.constexpr,
+                     WINP: tl.constexpr):
+    split, key, r, c, h, w, own, ws = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, w_step, C,
+                                               H, W, KH, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     x_offsets = c * sxc + h * sxh + w * sxw
     out_offsets = c * soc + h * soh + w * sow
     std, scale, fraction, step = _statistics(part_ptr, n_parts, numel, gamma, PB)
@@ -265,22 +296,17 @@ def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, st
         b = split * b_chunk + i
         if b < B:
             x = tl.load(x_ptr + b * sxb + x_offsets, mask=own, other=0.0).to(tl.float32)
-            index = ((b * C + c) * H + h) * W + w  # logical canonical index
+            m, seeds = _mask(key, r, b, c, h, w, ws, C, H, W, KH, KW, BLOCK, SHARED, BC, TH, TW, PACKED)
             if EXACT:
-                m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
                 sigma = _sample_sign(key, b)
                 value = -((sigma * (step / WIN)) * d)
             else:
-                if SHARED:  # the seeds are drawn per sample position: the normals from their own stream
-                    m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
-                    z = tl.randn(key + 1, index)
-                else:  # the element's mask uniform and its normal from one Philox evaluation
-                    u, z = _uniform_and_normal(key, index)
-                    m, seeds = _own_mask(u, r, h, w, H, W, KH, KW, BLOCK)
+                z = _draw(key + 1, (b * C + c) * H + h, ws, w, W, True, False, BC, TH, TW, PACKED)
                 value = -(coef * z)
             y = tl.where(m, value, x) * scale
             tl.store(out_ptr + b * sob + out_offsets, y.to(out_ptr.dtype.element_ty), mask=own)
             if REPORT:  # for tests: the mask, seed field, normals and signs this kernel used
+                index = ((b * C + c) * H + h) * W + w  # logical canonical index
                 tl.store(mask_rep + index, (m & own).to(tl.int8), mask=own)
                 if BLOCK:
                     if SHARED:
@@ -296,11 +322,12 @@ def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, st
 
 @triton.jit
 def fmd_grad_kernel(g_ptr, dx_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr,
-                    rate, t_scale, B, C, H, W, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, b_chunk, n_ht, n_wt, KH, KW,
-                    BLOCK: tl.constexpr, SHARED: tl.constexpr, RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr,
-                    BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    split, key, r, c, h, w, own = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, C, H, W, KH,
-                                           KW, RATE_FROM, TABLE_SIZE, BC, TH, TW)
+                    rate, t_scale, B, C, H, W, sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, b_chunk, n_ht, n_wt, w_step,
+                    KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr, RATE_FROM: tl.constexpr,
+                    TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                    PACKED: tl.constexpr):
+    split, key, r, c, h, w, own, ws = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, w_step, C,
+                                               H, W, KH, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     g_offsets = c * sgc + h * sgh + w * sgw
     dx_offsets = c * sdc + h * sdh + w * sdw
     scale = tl.load(stats_ptr + 1)
@@ -308,5 +335,5 @@ def fmd_grad_kernel(g_ptr, dx_ptr, seed_ptr, prob_ptr, table_ptr, stats_ptr,
         b = split * b_chunk + i
         if b < B:
             g = tl.load(g_ptr + b * sgb + g_offsets, mask=own, other=0.0).to(tl.float32)
-            m, seeds = _mask(key, r, b, c, h, w, C, H, W, KH, KW, BLOCK, SHARED)
+            m, seeds = _mask(key, r, b, c, h, w, ws, C, H, W, KH, KW, BLOCK, SHARED, BC, TH, TW, PACKED)
             tl.store(dx_ptr + b * sdb + dx_offsets, tl.where(m, 0.0, g * scale).to(dx_ptr.dtype.element_ty), mask=own)
