@@ -20,7 +20,9 @@ text they come from), plus the row's regulariser:
   text: gamma 30, block 6, p 0.05). FMD's probability ramps from 0 over the whole run, as in the release.
 
 Every run is its own ``timm-fmd train`` process with its own run directory under ``OUT/runs``, pinned to its
-own CPU cores (Linux's sched_setaffinity; ``--parallel`` runs at once on the one device); the data set is
+own CPU cores (Linux's sched_setaffinity; ``--parallel`` runs at once on the one device; on CUDA under NVIDIA's
+Multi-Process Service where ``nvidia-cuda-mps-control`` is, ``--mps``, so that their kernels run side by side
+instead of taking turns); the data set is
 decoded once up front into the trainer's ``--data-on-device`` cache, and on CUDA each run uses
 ``--cuda-graph`` (FMD rows only where the op is capture-safe), bf16 autocast and channels_last. A run that
 crashes or is killed is resumed from its last checkpoint (``--resume``), by this command's retries or by
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import io
 import json
@@ -49,10 +52,11 @@ import subprocess
 import sys
 import shutil
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import timm
 import torch
@@ -72,6 +76,7 @@ CONFIGS = ROOT / 'configs'
 DEFAULT_DATA_DIR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpg'
 SPLITS = ('train', 'test')
 USAGE_ERROR = 2  # timm-fmd's exit status for a bad option: a retry would fail the same way
+MPS_CONTROL = 'nvidia-cuda-mps-control'
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,76 @@ def core_sets(parallel: int) -> List[List[int]]:
     return [[cores[i % len(cores)]] for i in range(parallel)]
 
 
-def _launch(job: Job, cores: List[int], out: Path) -> None:
+def mps_client_check(env: Dict[str, str]) -> Optional[str]:
+    """``None`` when a CUDA client runs under the MPS daemon of ``env`` (a tiny kernel in a fresh process), else
+    why not: a daemon can start and still refuse clients (permissions, compute mode)."""
+    code = 'import torch; torch.ones(1, device="cuda").add_(1); torch.cuda.synchronize()'
+    try:
+        done = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, **env), capture_output=True,
+                              text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return 'a CUDA client did not finish within 180 s'
+    lines = done.stderr.strip().splitlines()
+    return None if done.returncode == 0 else (lines[-1] if lines else f'a CUDA client exited {done.returncode}')
+
+
+@contextlib.contextmanager
+def mps(mode: str, wanted: bool, client_check=mps_client_check) -> Iterator[Dict[str, str]]:
+    """NVIDIA's Multi-Process Service for the runs of one command: processes on one GPU otherwise take turns
+    (time slices), so runs too small to fill it would overlap only their host work; under MPS their kernels run
+    side by side. ``mode`` ``auto`` starts a private MPS control daemon when ``wanted`` (CUDA, several runs at
+    once) and ``nvidia-cuda-mps-control`` is on PATH, else goes on without it (a note says so); ``on`` requires
+    it (``SystemExit`` otherwise); ``off`` never. A started daemon must serve a CUDA client (``client_check``)
+    before the runs use it. Yields the environment the runs need (empty without MPS); the daemon is told to quit
+    at the end."""
+    binary = shutil.which(MPS_CONTROL) if mode == 'on' or (mode == 'auto' and wanted) else None
+    if binary is None:
+        if mode == 'on':
+            raise SystemExit(f'--mps on: {MPS_CONTROL} (NVIDIA\'s Multi-Process Service) is not on PATH; install '
+                             f'it with the CUDA driver utilities, or pass --mps off')
+        if mode == 'auto' and wanted:
+            print(f'note: no {MPS_CONTROL} on PATH: the runs take turns on the GPU (time slices); only their host '
+                  f'work overlaps', flush=True)
+        yield {}
+        return
+    folder = tempfile.mkdtemp(prefix='mps.')  # a short path: the daemon's pipe is a Unix socket (108 bytes)
+    env = dict(CUDA_MPS_PIPE_DIRECTORY=os.path.join(folder, 'pipe'), CUDA_MPS_LOG_DIRECTORY=os.path.join(folder, 'log'))
+    for path in env.values():
+        os.mkdir(path)
+    full = dict(os.environ, **env)
+    def stop() -> None:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run([binary], input='quit\n', env=full, capture_output=True, text=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    try:
+        started = subprocess.run([binary, '-d'], env=full, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        started = subprocess.CompletedProcess([binary, '-d'], 1, '', str(e))
+    why = None
+    if started.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        output = (started.stderr or started.stdout).strip()
+        why = f'{MPS_CONTROL} -d failed: {output or f"exit {started.returncode}"}'
+    else:
+        refused = client_check(env)
+        if refused is not None:
+            stop()
+            why = f'the MPS daemon served no CUDA client: {refused}'
+    if why is not None:
+        if mode == 'on':
+            raise SystemExit(f'--mps on: {why}')
+        print(f'note: {why}; the runs take turns on the GPU', flush=True)
+        yield {}
+        return
+    print(f'MPS control daemon started (pipe {env["CUDA_MPS_PIPE_DIRECTORY"]})', flush=True)
+    try:
+        yield env
+    finally:
+        stop()
+
+
+def _launch(job: Job, cores: List[int], out: Path, extra_env: Dict[str, str]) -> None:
     if job.resumable:
         kind, command = 'resume', ['--resume', str(job.run_dir)]
     else:
@@ -268,7 +342,7 @@ def _launch(job: Job, cores: List[int], out: Path) -> None:
     log = open(out / 'logs' / f'{job.spec.name}.log', 'a')
     log.write(f'=== {kind} on cores {cores}\n')
     log.flush()
-    env = dict(os.environ, OMP_NUM_THREADS=str(len(cores)), PYTHONUNBUFFERED='1')
+    env = dict(os.environ, OMP_NUM_THREADS=str(len(cores)), PYTHONUNBUFFERED='1', **extra_env)
     job.process = subprocess.Popen([sys.executable, '-m', 'timm_fmd', 'train', *command], stdout=log,
                                    stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: os.sched_setaffinity(0, cores))
     log.close()
@@ -282,10 +356,10 @@ def _launch(job: Job, cores: List[int], out: Path) -> None:
 
 
 def run_jobs(jobs: List[Job], parallel: int, retries: int, out: Path,
-             on_finish: Any = lambda job: None) -> List[Job]:
-    """Run the unfinished jobs, ``parallel`` at a time on disjoint core sets; a job that fails is resumed
-    from its checkpoint (or restarted when it has none) up to ``retries`` times, unless it exited with a usage
-    error. Returns the failed jobs."""
+             on_finish: Any = lambda job: None, env: Optional[Dict[str, str]] = None) -> List[Job]:
+    """Run the unfinished jobs, ``parallel`` at a time on disjoint core sets (with ``env`` added to their
+    environment); a job that fails is resumed from its checkpoint (or restarted when it has none) up to
+    ``retries`` times, unless it exited with a usage error. Returns the failed jobs."""
     (out / 'logs').mkdir(parents=True, exist_ok=True)
     queue = collections.deque(j for j in jobs if not j.finished)
     slots: List[Optional[Job]] = [None] * max(1, min(parallel, len(queue)))
@@ -296,7 +370,7 @@ def run_jobs(jobs: List[Job], parallel: int, retries: int, out: Path,
             for i, job in enumerate(slots):
                 if job is None and queue:
                     slots[i] = queue.popleft()
-                    _launch(slots[i], cores[i], out)
+                    _launch(slots[i], cores[i], out, env or {})
             time.sleep(0.2)
             for i, job in enumerate(slots):
                 if job is None or job.process.poll() is None:
@@ -394,6 +468,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction,
                         help='default: on CUDA, for every row whose model can be captured')
     parser.add_argument('--compile', action='store_true', help='torch.compile the models (inductor)')
+    parser.add_argument('--mps', default='auto', choices=['auto', 'on', 'off'],
+                        help="NVIDIA's Multi-Process Service, so that runs at once on one GPU run their kernels side "
+                             "by side (auto: on CUDA with several runs at once, where nvidia-cuda-mps-control is)")
     parser.add_argument('-j', '--workers', type=int, default=min(4, len(os.sched_getaffinity(0))),
                         help='loader processes: decoding the data set once (--data-on-device), else each run\'s')
     args = parser.parse_args(argv)
@@ -410,6 +487,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f'--device {args.device}: no CUDA device is available here')
     if args.cuda_graph and device.type != 'cuda':
         parser.error(f'--cuda-graph: needs a CUDA device, got --device {args.device}')
+    if args.mps == 'on' and device.type != 'cuda':
+        parser.error(f'--mps on: MPS shares a CUDA device, got --device {args.device}')
     if args.parallel is None:
         args.parallel = len(args.specs) if device.type == 'cuda' else max(1, len(os.sched_getaffinity(0)) // 4)
     return args
@@ -448,10 +527,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for job in jobs:
         if job.finished:
             finished(job)
-    failed = run_jobs(jobs, args.parallel, args.retries, args.out, on_finish=finished)
+    together = min(args.parallel, sum(not j.finished for j in jobs)) > 1
+    with mps(args.mps, wanted=torch.device(args.device).type == 'cuda' and together) as mps_env:
+        payload['mps'] = bool(mps_env)
+        failed = run_jobs(jobs, args.parallel, args.retries, args.out, on_finish=finished, env=mps_env)
     table = results_table(payload['runs'])
     wall = (time.time() - start) / 60
-    text = f'{table}\n\n{len(payload["runs"])} runs on {payload["gpu"] or args.device}, {wall:.1f} min wall'
+    text = (f'{table}\n\n{len(payload["runs"])} runs on {payload["gpu"] or args.device}'
+            f'{" (MPS)" if payload["mps"] else ""}, {wall:.1f} min wall')
     atomic_write(args.out / 'table.md', text + '\n')
     print(text)
     if failed:

@@ -123,10 +123,87 @@ def test_cli_rejects_bad_input(capsys):
     for argv, message in ((['--table', '2', '--methods', 'dropout'], 'none is a row of table(s) [2]'),
                           (['--epochs', '0'], 'expected an integer >= 1, got 0'),
                           (['--seeds', '-1'], '--seeds must be integers >= 0'),
-                          (['--device', 'cpu', '--cuda-graph'], '--cuda-graph: needs a CUDA device')):
+                          (['--device', 'cpu', '--cuda-graph'], '--cuda-graph: needs a CUDA device'),
+                          (['--device', 'cpu', '--mps', 'on'], '--mps on: MPS shares a CUDA device, got --device cpu')):
         with pytest.raises(SystemExit):
             paper_gpu.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- MPS
+def _fake_mps(tmp_path, monkeypatch, rc=0):
+    """A stand-in nvidia-cuda-mps-control first on PATH: it logs its arguments, pipe directory and input."""
+    bin_dir, log = tmp_path / 'bin', tmp_path / 'mps.log'
+    bin_dir.mkdir()
+    fake = bin_dir / paper_gpu.MPS_CONTROL
+    fake.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY" >> {log}\n'
+                    f'if [ "$1" = "-d" ]; then echo boom >&2; exit {rc}; fi\ncat >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+    return log
+
+
+def _client_ok(env):
+    assert os.path.isdir(env['CUDA_MPS_PIPE_DIRECTORY'])  # checked while the daemon runs
+    return None
+
+
+def test_mps_daemon_runs_for_the_runs_and_quits_after(tmp_path, monkeypatch, capsys):
+    log = _fake_mps(tmp_path, monkeypatch)
+    with paper_gpu.mps('auto', wanted=True, client_check=_client_ok) as env:
+        pipe = env['CUDA_MPS_PIPE_DIRECTORY']
+        assert os.path.isdir(pipe) and os.path.isdir(env['CUDA_MPS_LOG_DIRECTORY'])
+        assert log.read_text() == f'args=-d pipe={pipe}\n'  # started, not yet told to quit
+    assert log.read_text() == f'args=-d pipe={pipe}\nargs= pipe={pipe}\nquit\n'
+    assert not os.path.exists(os.path.dirname(pipe)) and 'MPS control daemon started' in capsys.readouterr().out
+    for mode, wanted in (('off', True), ('auto', False)):  # not asked for, or a single run / no GPU
+        with paper_gpu.mps(mode, wanted) as env:
+            assert env == {}
+    assert log.read_text().count('args=-d') == 1
+
+
+def test_mps_missing_or_failing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('PATH', str(tmp_path))  # no nvidia-cuda-mps-control
+    with paper_gpu.mps('auto', wanted=True) as env:
+        assert env == {}
+    assert 'note: no nvidia-cuda-mps-control on PATH: the runs take turns on the GPU' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='--mps on: nvidia-cuda-mps-control .* is not on PATH'):
+        with paper_gpu.mps('on', wanted=True):
+            pass
+    monkeypatch.setenv('PATH', os.defpath)
+    log = _fake_mps(tmp_path, monkeypatch, rc=1)
+    with paper_gpu.mps('auto', wanted=True, client_check=_client_ok) as env:
+        assert env == {}
+    assert 'note: nvidia-cuda-mps-control -d failed: boom; the runs take turns on the GPU' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r'--mps on: nvidia-cuda-mps-control -d failed: boom'):
+        with paper_gpu.mps('on', wanted=True, client_check=_client_ok):
+            pass
+    log.unlink()
+    (tmp_path / 'bin' / paper_gpu.MPS_CONTROL).unlink()
+    (tmp_path / 'bin').rmdir()
+    log = _fake_mps(tmp_path, monkeypatch)  # starts, but refuses clients: told to quit, not used
+    with paper_gpu.mps('auto', wanted=True, client_check=lambda env: 'cudaErrorMpsConnectionFailed') as env:
+        assert env == {}
+    assert 'note: the MPS daemon served no CUDA client: cudaErrorMpsConnectionFailed; the runs take turns' in \
+        capsys.readouterr().out
+    assert log.read_text().endswith('quit\n')
+
+
+def test_runs_get_the_mps_environment(tmp_path, monkeypatch):
+    launched = []
+
+    class Process:
+        pid = os.getpid()
+
+    def popen(command, **kwargs):
+        launched.append(kwargs['env'])
+        return Process()
+
+    monkeypatch.setattr(paper_gpu.subprocess, 'Popen', popen)
+    job = paper_gpu.Job(paper_gpu.RunSpec(1, 'none', 0), _config(1, 'none'), tmp_path / 'runs' / 'run')
+    (tmp_path / 'logs').mkdir()
+    paper_gpu._launch(job, [0], tmp_path, {'CUDA_MPS_PIPE_DIRECTORY': '/tmp/mps.x/pipe'})
+    assert launched[0]['CUDA_MPS_PIPE_DIRECTORY'] == '/tmp/mps.x/pipe' and launched[0]['OMP_NUM_THREADS'] == '1'
 
 
 # ------------------------------------------------------------------------------------------------- data
