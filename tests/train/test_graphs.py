@@ -96,6 +96,21 @@ def test_replayed_steps_follow_the_eager_run(eager_runs, tiny_data, tmp_path, re
     assert not _close(model_g, ema_g, atol=1e-3)  # the EMA is not a copy of the model
 
 
+def test_a_compiled_model_is_captured_too(tiny_data, tmp_path, recorded):
+    """--torchcompile with --cuda-graph (the fast path for small models: fused kernels, one launch per step): the
+    compiled step is captured after the eager warm-up compiled it, and the replays follow the compiled eager run.
+    aot_eager stands in for inductor here (its graphs run aten ops, which the recorder captures)."""
+    recipe = dict(RECIPE, torchcompile='aot_eager')
+    fit(quick_config(tiny_data, tmp_path / 'eager', **recipe))
+    results = fit(quick_config(tiny_data, tmp_path / 'graph', cuda_graph=True, **recipe))
+    backend, = recorded
+    assert backend.replays == 8 and results['global_steps'] == 12
+    for e, g in zip(_rows(tmp_path / 'eager' / 'run'), _rows(tmp_path / 'graph' / 'run')):
+        assert g == pytest.approx(e, rel=1e-5, abs=1e-6)
+    (model_e, ema_e), (model_g, ema_g) = _state(tmp_path / 'eager' / 'run'), _state(tmp_path / 'graph' / 'run')
+    assert _close(model_e, model_g, atol=1e-5) and _close(ema_e, ema_g, atol=1e-5)
+
+
 @pytest.mark.parametrize('frozen', ['learning rate', 'EMA weight'])
 def test_a_value_frozen_at_capture_is_caught(eager_runs, tiny_data, tmp_path, recorded, monkeypatch, frozen):
     """The comparison above has teeth: read as host values at capture, the scheduler's learning rate or the
