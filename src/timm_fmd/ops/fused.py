@@ -47,6 +47,7 @@ TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (8 warp
 INTERPRET_TILE_ELEMENTS = 1 << 16  # the interpreter costs ~50 ms per program whatever its size: few, large tiles
 PROGRAMS_PER_SM = 4
 PARTS_BLOCK = 1024  # statistics partials merged per loop step by every apply program
+CHANNEL_BLOCK = 64  # channels whose approx weights the statistics kernel computes at once (a (64, window) block)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _T_SCALE = (RATE_TABLE_SIZE - 1) / RATE_TABLE_T_MAX
 
@@ -110,6 +111,7 @@ class _Plan(NamedTuple):
     n_tiles: int
     n_split: int
     b_chunk: int
+    n_stat: int  # statistics programs per batch split; each takes every n_stat-th tile
     w_step: int  # columns from one tile's start to the next's
     packed: bool  # every tile starts at a multiple of 4 columns and is a multiple of 4 wide: packed Philox draws
 
@@ -158,7 +160,8 @@ def _tiles(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: i
     n_tiles = _cdiv(channels, bc) * n_ht * n_wt
     b_chunk = _cdiv(batch, min(batch, max(1, _cdiv(programs, n_tiles))))
     packed = tw % 4 == 0 and (n_wt == 1 or w_step % 4 == 0)
-    return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk, w_step, packed)
+    n_stat = min(n_tiles, programs)  # the apply programs each merge all n_stat * n_split partials: keep them few
+    return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk, n_stat, w_step, packed)
 
 
 def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
@@ -172,7 +175,7 @@ def _parts_rows(x4: torch.Tensor, cfg: _Config) -> int:
     programs = _target_programs(x4.device)
     tiles = plan((1,) + tuple(operator.index(n) for n in x4.shape[1:]), operator.index(x4.stride(1)), cfg.kh, cfg.kw,
                  gpu=x4.device.type == 'cuda', programs=programs)
-    return tiles.n_tiles * max(1, _cdiv(programs, tiles.n_tiles))
+    return min(tiles.n_tiles, programs) * max(1, _cdiv(programs, tiles.n_tiles))
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -210,29 +213,35 @@ def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
                 BC=tiles.bc, TH=tiles.th, TW=tiles.tw, PACKED=tiles.packed, num_warps=num_warps(tiles))
 
 
-def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], rate: float,
-                  config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
+                  rate: float, w_factor: float, config: List[int],
+                  report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import kernels
     cfg = _Config(*config)
     x4 = _as_4d(x)
     batch, channels, height, width = x4.shape
     tiles = _plan(x4, cfg)
-    parts = torch.empty((_parts_rows(x4, cfg), 4), dtype=torch.float32, device=x.device)  # the first n_tiles * n_split
-    g = torch.empty((tiles.n_split, channels, height, width) if cfg.exact else (0,), dtype=torch.float32,
-                    device=x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    parts = torch.empty((_parts_rows(x4, cfg), 4), **f32)  # the first n_stat * n_split rows are written
+    coef = torch.empty((tiles.n_split, channels, height, width) if cfg.exact else (channels,), **f32)
+    signs = parts
+    if report is not None and cfg.signed:
+        signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
     with _device_guard(x):
-        kernels.fmd_stats_kernel[(tiles.n_tiles, tiles.n_split)](
-            x4, seed, _or(prob, seed), _table(cfg, x4, parts), parts, _or(g if cfg.exact else None, parts), rate,
-            _T_SCALE, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt,
-            tiles.w_step, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), **_mask_args(cfg, tiles))
+        kernels.fmd_stats_kernel[(tiles.n_stat, tiles.n_split)](
+            x4, seed, _or(prob, seed), _table(cfg, x4, parts), parts, coef, _or(k_max, parts), signs, rate, _T_SCALE,
+            w_factor, cfg.window, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_tiles,
+            tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km),
+            SIGNED=bool(cfg.signed), REPORT=report is not None, CB=min(tiles.bc, CHANNEL_BLOCK),
+            WINP=_np2(cfg.window), **_mask_args(cfg, tiles))
     if cfg.exact:  # G = sum over the batch chunks, in the map's canonical (C, *spatial) shape
-        g = (g.sum(0) if tiles.n_split > 1 else g[0]).reshape((channels,) + tuple(x.shape[2:]))
-    return parts, g
+        coef = (coef.sum(0) if tiles.n_split > 1 else coef[0]).reshape((channels,) + tuple(x.shape[2:]))
+    return parts, coef
 
 
 def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], parts: torch.Tensor,
-                  d: torch.Tensor, k_max: Optional[torch.Tensor], rate: float, gamma: float, w_factor: float,
-                  config: List[int], report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  coef: torch.Tensor, rate: float, gamma: float, config: List[int],
+                  report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import kernels
     cfg = _Config(*config)
     out = torch.empty_like(x)
@@ -240,7 +249,7 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     x4, out4 = _as_4d(x), _as_4d(out)
     batch, channels, height, width = x4.shape
     tiles = _plan(x4, cfg)
-    reports = [stats] * 5
+    reports = [stats] * 4
     if report is not None:
         new = functools.partial(torch.zeros, device=x.device)
         report['mask'] = new(x4.shape, dtype=torch.int8)
@@ -248,47 +257,42 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
         report['normal'] = new(x4.shape, dtype=torch.float32)
         report['sigma'] = new(batch, dtype=torch.float32)
         reports = [report[k] for k in ('mask', 'seeds', 'normal', 'sigma')]
-        reports.append(new(k_max.shape, dtype=torch.int8) if cfg.signed else stats)
-        if cfg.signed:
-            report['weight_signs'] = reports[-1]
     with _device_guard(x):
         kernels.fmd_apply_kernel[(tiles.n_tiles, tiles.n_split)](
-            x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, stats, d.contiguous(),
-            _or(k_max, stats), *reports, rate, _T_SCALE, tiles.n_tiles * tiles.n_split, float(x.numel()), gamma,
-            w_factor, cfg.window, batch, channels, height, width, *x4.stride(), *out4.stride(), tiles.b_chunk,
-            tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km),
-            SIGNED=bool(cfg.signed), REPORT=report is not None, PB=PARTS_BLOCK, WINP=_np2(cfg.window),
+            x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, stats, coef.contiguous(), *reports,
+            rate, _T_SCALE, tiles.n_stat * tiles.n_split, float(x.numel()), gamma, cfg.window, batch, channels,
+            height, width, *x4.stride(), *out4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, tiles.w_step,
+            cfg.kh, cfg.kw, EXACT=bool(cfg.exact), REPORT=report is not None, PB=PARTS_BLOCK,
             **_mask_args(cfg, tiles))
     return out, stats
 
 
 @torch.library.custom_op('timm_fmd::fmd_stats', mutates_args=())
-def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], rate: float,
-              config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(parts, G)``: the statistics partials, one float32 row (n, mean, M2, distorted count) per program, and in
-    exact mode ``G`` ``(C, *spatial)`` (Eq. 8 / 18), else an empty tensor."""
-    return _launch_stats(x, seed, prob, rate, config)
+def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
+              rate: float, w_factor: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(parts, coef)``: the statistics partials, one float32 row (n, mean, M2, distorted count) per program; and
+    the approx channel weights ``w_c`` ``(C,)`` or the exact ``G`` ``(C, *spatial)`` (Eq. 8 / 18)."""
+    return _launch_stats(x, seed, prob, k_max, rate, w_factor, config)
 
 
 @_stats_op.register_fake
-def _(x, seed, prob, rate, config):
+def _(x, seed, prob, k_max, rate, w_factor, config):
     cfg = _Config(*config)
-    g_shape = (x.shape[1],) + tuple(x.shape[2:]) if cfg.exact else (0,)
+    coef_shape = (x.shape[1],) + (tuple(x.shape[2:]) if cfg.exact else ())
     return (x.new_empty((_parts_rows(_as_4d(x), cfg), 4), dtype=torch.float32),
-            x.new_empty(g_shape, dtype=torch.float32))
+            x.new_empty(coef_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op('timm_fmd::fmd_apply', mutates_args=())
 def _apply_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], parts: torch.Tensor,
-              d: torch.Tensor, k_max: Optional[torch.Tensor], rate: float, gamma: float, w_factor: float,
-              config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, stats)``: the distorted map ``where(m, value, x) * scale`` in x's dtype and memory format, and
-    stats = (std, scale, fraction, gamma * std) float32."""
-    return _launch_apply(x, seed, prob, parts, d, k_max, rate, gamma, w_factor, config)
+              coef: torch.Tensor, rate: float, gamma: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, stats)``: the distorted map ``where(m, value, x) * scale`` in x's dtype and memory format (``coef``:
+    the approx ``w_c`` or the exact ``D``), and stats = (std, scale, fraction, gamma * std) float32."""
+    return _launch_apply(x, seed, prob, parts, coef, rate, gamma, config)
 
 
 @_apply_op.register_fake
-def _(x, seed, prob, parts, d, k_max, rate, gamma, w_factor, config):
+def _(x, seed, prob, parts, coef, rate, gamma, config):
     return torch.empty_like(x), x.new_empty(4, dtype=torch.float32)
 
 
@@ -320,12 +324,13 @@ def _(grad, seed, prob, stats, rate, config, strides):
     return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
 
 
-_APPLY_INPUTS = 10  # x, seed, prob, parts, d, k_max, rate, gamma, w_factor, config
+_APPLY_INPUTS = 8  # x, seed, prob, parts, coef, rate, gamma, config
 
 
 def _setup_context(ctx, inputs, output):
-    x, seed, prob, _, _, _, rate, _, _, config = inputs
-    ctx.save_for_backward(seed, prob, output[1])  # the stats; the mask is regenerated, never saved
+    x, seed, prob, _, _, rate, _, config = inputs
+    ctx.mark_non_differentiable(output[1])  # the stats: the realised fraction has no gradient, eager or compiled
+    ctx.save_for_backward(seed, prob, output[1])  # the mask is regenerated, never saved
     ctx.rate, ctx.config, ctx.strides = rate, config, list(x.stride())
 
 
@@ -345,7 +350,6 @@ class _EagerApply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         out, stats = _launch_apply(*inputs)
-        ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)  # no zeros made for the stats' gradient in the backward
         _setup_context(ctx, inputs, (out, stats))
         return out, stats
@@ -398,17 +402,18 @@ def distort(
                           int(k_max is not None)))
     seed = torch.randint(0, 2 ** 31 - 1, (1,), device=xc.device, **generator_kwargs(generator))
     if report is not None:
-        stats_fn, apply_fn = _launch_stats, functools.partial(_launch_apply, report=report)
+        stats_fn, apply_fn = (functools.partial(_launch_stats, report=report),
+                              functools.partial(_launch_apply, report=report))
     elif torch.compiler.is_compiling():
         stats_fn, apply_fn = _stats_op, _apply_op
     else:
         stats_fn, apply_fn = _launch_stats, _EagerApply.apply
-    parts, d = stats_fn(xc.detach(), seed, prob_t, rate, config)
+    parts, coef = stats_fn(xc.detach(), seed, prob_t, k_max, rate, w_factor, config)
     if exact:
         with torch.autocast(xc.device.type, enabled=False):
-            _, d = rademacher_sup(next_layer, d)  # D = K[k_hat]^T S[k_hat] (Eq. 14 / 22-24) from G
-        d = d.to(torch.float32)
-    out, stats = apply_fn(xc, seed, prob_t, parts, d, k_max, rate, gamma, w_factor, config)
+            _, coef = rademacher_sup(next_layer, coef)  # D = K[k_hat]^T S[k_hat] (Eq. 14 / 22-24) from G
+        coef = coef.to(torch.float32)
+    out, stats = apply_fn(xc, seed, prob_t, parts, coef, rate, gamma, config)
     return out, stats[2]
 
 

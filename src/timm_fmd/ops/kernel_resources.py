@@ -18,7 +18,7 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import kernels
-from .fused import PARTS_BLOCK, num_warps, plan
+from .fused import CHANNEL_BLOCK, PARTS_BLOCK, num_warps, plan
 from .masks import RATE_TABLE_SIZE
 
 # the last: ViT tokens (B, N, C) in canonical (B, C, 1, N)
@@ -89,17 +89,19 @@ def _launch_values(shape: Tuple[int, int, int, int], channels_last: bool, tiles,
         strides = (height * width * channels, 1, width * channels, channels)
     else:
         strides = (channels * height * width, height * width, width, 1)
-    values = dict(B=batch, C=channels, H=height, W=width, b_chunk=tiles.b_chunk, n_ht=tiles.n_ht, n_wt=tiles.n_wt,
-                  w_step=tiles.w_step, KH=kh, KW=kw)
+    values = dict(B=batch, C=channels, H=height, W=width, b_chunk=tiles.b_chunk, n_tiles=tiles.n_tiles,
+                  n_ht=tiles.n_ht, n_wt=tiles.n_wt, w_step=tiles.w_step, KH=kh, KW=kw)
     for prefix in ('sx', 'so', 'sg', 'sd'):
         values.update(zip((prefix + a for a in 'bchw'), strides))
     return values
 
 
 def kernel_resources(capability: int = 90, shapes=SHAPES, block_size: int = 7,
-                     layouts: Sequence[bool] = (True,), shared: Sequence[bool] = (False,)) -> List[dict]:
+                     layouts: Sequence[bool] = (True,), shared: Sequence[bool] = (False,),
+                     reports: bool = False) -> List[dict]:
     """Registers and spills of every kernel of the fused path for ``shapes`` (bf16, 132 SMs), channels_last
-    and/or contiguous (``layouts``), per-channel and/or shared block masks (``shared``)."""
+    and/or contiguous (``layouts``), per-channel and/or shared block masks (``shared``); with ``reports`` also the
+    variants that report their draws to the tests."""
     rows = []
     for shape, channels_last, shared_mask in itertools.product(shapes, layouts, shared):
         height, width = shape[2], shape[3]
@@ -114,14 +116,23 @@ def kernel_resources(capability: int = 90, shapes=SHAPES, block_size: int = 7,
         io = {'x_ptr': '*bf16', 'out_ptr': '*bf16', 'g_ptr': '*bf16', 'dx_ptr': '*bf16', 'seed_ptr': '*i64',
               'mask_rep': '*i8', 'seed_rep': '*i8', 'sign_rep': '*i8', 'km_ptr': '*bf16'}
         # a 3x3 next conv seen by an approx site (signed K_M), the common case
-        apply = dict(HAS_KM=True, SIGNED=True, REPORT=False, PB=PARTS_BLOCK, WINP=16)
+        stats = dict(HAS_KM=True, SIGNED=True, CB=min(tiles.bc, CHANNEL_BLOCK), WINP=16, **mask)
+        stats_io = {**io, 'g_ptr': '*fp32'}
         variants = [
-            ('stats approx', kernels.fmd_stats_kernel, dict(EXACT=False, **mask), {**io, 'g_ptr': '*fp32'}),
-            ('stats exact', kernels.fmd_stats_kernel, dict(EXACT=True, **mask), {**io, 'g_ptr': '*fp32'}),
-            ('apply approx', kernels.fmd_apply_kernel, dict(EXACT=False, **apply, **mask), io),
-            ('apply exact', kernels.fmd_apply_kernel, dict(EXACT=True, **apply, **mask), io),
+            ('stats approx', kernels.fmd_stats_kernel, dict(EXACT=False, REPORT=False, **stats), stats_io),
+            ('stats exact', kernels.fmd_stats_kernel, dict(EXACT=True, REPORT=False, **stats), stats_io),
+            ('apply approx', kernels.fmd_apply_kernel, dict(EXACT=False, REPORT=False, PB=PARTS_BLOCK, **mask), io),
+            ('apply exact', kernels.fmd_apply_kernel, dict(EXACT=True, REPORT=False, PB=PARTS_BLOCK, **mask), io),
             ('grad', kernels.fmd_grad_kernel, dict(mask), io),
         ]
+        if reports:  # the tests' report variants: they must compile (a GPU run of the CUDA tests launches them)
+            variants += [
+                ('stats report', kernels.fmd_stats_kernel, dict(EXACT=False, REPORT=True, **stats), stats_io),
+                ('apply approx report', kernels.fmd_apply_kernel, dict(EXACT=False, REPORT=True, PB=PARTS_BLOCK,
+                                                                        **mask), io),
+                ('apply exact report', kernels.fmd_apply_kernel, dict(EXACT=True, REPORT=True, PB=PARTS_BLOCK,
+                                                                       **mask), io),
+            ]
         for name, fn, constexprs, types in variants:
             warps = num_warps(tiles)
             usage = compile_kernel(fn, types, constexprs, capability, warps, values=values)

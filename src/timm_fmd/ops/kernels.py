@@ -5,13 +5,14 @@ Two kernels per forward and one per backward, each over tiles of the canonical `
 channels_last and any other strides need no copy:
 
 * :func:`fmd_stats_kernel` -- per program Chan/Welford partials ``(n, mean, M2)`` of ``x`` and the count of
-  distorted elements; in exact mode also ``G = sum_b sigma_b x_b (1 - m_b)`` (Eq. 8 / 18) for its tile,
-  looping over a chunk of the batch (deterministic, no atomics);
+  distorted elements, looping over a chunk of the batch (deterministic, no atomics); a program takes every
+  ``n``-th tile, so that the partials stay a few hundred however large the map; in exact mode also
+  ``G = sum_b sigma_b x_b (1 - m_b)`` (Eq. 8 / 18) of its tiles, in approx mode the channel weights ``w_c``
+  (Eq. 15 / 22, the authors' ``w_c`` with random signs from the kernel's stream);
 * :func:`fmd_apply_kernel` -- each program first merges all the partials (``std(x)`` unbiased over every
   element, the realised fraction, ``scale = 1 / (1 - fraction)``; program 0 stores them for the caller and the
-  backward) and, in approx mode, its channels' coefficient ``gamma * std * w_c`` (Eq. 15 / 22, the authors'
-  ``w_c`` with random signs from the kernel's stream); then ``out = where(m, value, x) * scale`` with
-  ``value = -gamma std w_c z`` (approx) or ``-sigma_b gamma std / |w| * D[c, h, w]`` (exact);
+  backward), then ``out = where(m, value, x) * scale`` with ``value = -gamma std w_c z`` (approx) or
+  ``-sigma_b gamma std / |w| * D[c, h, w]`` (exact);
 * :func:`fmd_grad_kernel` -- ``grad_x = where(m, 0, grad * scale)``.
 
 The mask is never stored: every kernel regenerates it from the call's seed with counter-based Philox, as in
@@ -76,14 +77,20 @@ def _tile(tile, n_ht, n_wt, w_step, C, H, W, KH, BC: tl.constexpr, TH: tl.conste
 
 
 @triton.jit
+def _start(seed_ptr, prob_ptr, table_ptr, rate, t_scale, RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr):
+    """What every kernel starts from: its batch split, the call's Philox key and the seed rate."""
+    key = tl.load(seed_ptr).to(tl.int64) * 4
+    return tl.program_id(1), key, _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
+
+
+@triton.jit
 def _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, w_step, C, H, W, KH,
              RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr,
              TW: tl.constexpr):
-    """What every tiled kernel starts from: its batch split, the call's Philox key, the seed rate and its tile."""
-    key = tl.load(seed_ptr).to(tl.int64) * 4
-    r = _seed_rate(rate, prob_ptr, table_ptr, t_scale, RATE_FROM, TABLE_SIZE)
+    """:func:`_start` and the program's own tile (one tile per program: the apply and gradient kernels)."""
+    split, key, r = _start(seed_ptr, prob_ptr, table_ptr, rate, t_scale, RATE_FROM, TABLE_SIZE)
     c, h, w, own, ws = _tile(tl.program_id(0), n_ht, n_wt, w_step, C, H, W, KH, BC, TH, TW)
-    return tl.program_id(1), key, r, c, h, w, own, ws
+    return split, key, r, c, h, w, own, ws
 
 
 @triton.jit
@@ -169,45 +176,54 @@ def _sample_sign(key, b):
 
 
 @triton.jit
-def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr,
-                     rate, t_scale, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_ht, n_wt, w_step, KH, KW,
-                     BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr, RATE_FROM: tl.constexpr,
+def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr, km_ptr, sign_rep,
+                     rate, t_scale, w_factor, WIN, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_tiles, n_ht, n_wt,
+                     w_step, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr,
+                     HAS_KM: tl.constexpr, SIGNED: tl.constexpr, REPORT: tl.constexpr, RATE_FROM: tl.constexpr,
                      TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                     PACKED: tl.constexpr):
-    split, key, r, c, h, w, own, ws = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, w_step, C,
-                                               H, W, KH, RATE_FROM, TABLE_SIZE, BC, TH, TW)
-    offsets = c * sxc + h * sxh + w * sxw
-    n_tile = tl.sum(own.to(tl.float32))
+                     PACKED: tl.constexpr, CB: tl.constexpr, WINP: tl.constexpr):
+    split, key, r = _start(seed_ptr, prob_ptr, table_ptr, rate, t_scale, RATE_FROM, TABLE_SIZE)
     count = 0.0
     n_acc = 0.0
     mean_acc = 0.0
     m2_acc = 0.0
-    g = tl.zeros((BC, TH, TW), dtype=tl.float32)
-    for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
-        b = split * b_chunk + i
-        if b < B:
-            x = tl.load(x_ptr + b * sxb + offsets, mask=own, other=0.0).to(tl.float32)
-            m, seeds = _mask(key, r, b, c, h, w, ws, C, H, W, KH, KW, BLOCK, SHARED, BC, TH, TW, PACKED)
-            distorted = m & own
-            count += tl.sum(distorted.to(tl.float32))
-            # Chan et al.'s merge of this sample's tile statistics into the running ones
-            mean_b = tl.sum(x) / n_tile
-            dev = tl.where(own, x - mean_b, 0.0)
-            m2_b = tl.sum(dev * dev)
-            n_new = n_acc + n_tile
-            delta = mean_b - mean_acc
-            mean_acc += delta * (n_tile / n_new)
-            m2_acc += m2_b + delta * delta * (n_acc * n_tile / n_new)
-            n_acc = n_new
-            if EXACT:
-                g += tl.where(distorted, 0.0, x * _sample_sign(key, b))
+    # tiles t = program, program + programs, ...: at most a few hundred partials (fused.plan), whatever the map
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        c, h, w, own, ws = _tile(t, n_ht, n_wt, w_step, C, H, W, KH, BC, TH, TW)
+        offsets = c * sxc + h * sxh + w * sxw
+        n_tile = tl.sum(own.to(tl.float32))
+        g = tl.zeros((BC, TH, TW), dtype=tl.float32)
+        for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
+            b = split * b_chunk + i
+            if b < B:
+                x = tl.load(x_ptr + b * sxb + offsets, mask=own, other=0.0).to(tl.float32)
+                m, seeds = _mask(key, r, b, c, h, w, ws, C, H, W, KH, KW, BLOCK, SHARED, BC, TH, TW, PACKED)
+                distorted = m & own
+                count += tl.sum(distorted.to(tl.float32))
+                # Chan et al.'s merge of this sample's tile statistics into the running ones
+                mean_b = tl.sum(x) / n_tile
+                dev = tl.where(own, x - mean_b, 0.0)
+                m2_b = tl.sum(dev * dev)
+                n_new = n_acc + n_tile
+                delta = mean_b - mean_acc
+                mean_acc += delta * (n_tile / n_new)
+                m2_acc += m2_b + delta * delta * (n_acc * n_tile / n_new)
+                n_acc = n_new
+                if EXACT:
+                    g += tl.where(distorted, 0.0, x * _sample_sign(key, b))
+        if EXACT:
+            tl.store(g_ptr + split * C * H * W + (c * H + h) * W + w, g, mask=own)
+        elif (split == 0) & (t % (n_ht * n_wt) == 0):  # approx: w_c of this tile's channels, once per channel
+            c_first = (t // (n_ht * n_wt)) * BC
+            for c0 in range(c_first, c_first + BC, CB):
+                cc = c0 + tl.arange(0, CB)
+                tl.store(g_ptr + cc, _channel_weights(km_ptr, sign_rep, key, c0, C, WIN, w_factor, HAS_KM, SIGNED,
+                                                      REPORT, CB, WINP), mask=cc < C)
     part = part_ptr + (tl.program_id(0) * tl.num_programs(1) + split) * 4
     tl.store(part, n_acc)
     tl.store(part + 1, mean_acc)
     tl.store(part + 2, m2_acc)
     tl.store(part + 3, count)
-    if EXACT:
-        tl.store(g_ptr + split * C * H * W + (c * H + h) * W + w, g, mask=own)
 
 
 @triton.jit
@@ -242,14 +258,13 @@ def _statistics(part_ptr, n_parts, numel, gamma, PB: tl.constexpr):
 
 
 @triton.jit
-def _approx_coef(km_ptr, sign_ptr, key, c0, C, WIN, w_factor, step, report_signs,
-                 HAS_KM: tl.constexpr, SIGNED: tl.constexpr, REPORT: tl.constexpr, BC: tl.constexpr,
-                 WINP: tl.constexpr):
-    """``gamma * std * w_c`` of the ``BC`` channels from ``c0`` (a ``(BC,)`` block): ``w_c`` is the mean over the
-    next conv's window of random signs times ``K_M`` (Eq. 22, the authors' ``w_c``; signs from stream 2), ``K_M[c]``
-    for a linear next layer, the fixed weight without one; times ``w_factor``."""
+def _channel_weights(km_ptr, sign_ptr, key, c0, C, WIN, w_factor, HAS_KM: tl.constexpr, SIGNED: tl.constexpr,
+                     REPORT: tl.constexpr, CB: tl.constexpr, WINP: tl.constexpr):
+    """``w_c`` of the ``CB`` channels from ``c0`` (a ``(CB,)`` block), times ``w_factor``: the mean over the next
+    conv's window of random signs times ``K_M`` (Eq. 22, the authors' ``w_c``; signs from stream 2), ``K_M[c]`` for
+    a linear next layer, or the fixed weight without one."""
     if HAS_KM:
-        c = c0 + tl.arange(0, BC)[:, None]
+        c = c0 + tl.arange(0, CB)[:, None]
         k = tl.arange(0, WINP)[None, :]
         entry = c * WIN + k
         ok = (c < C) & (k < WIN)
@@ -258,24 +273,23 @@ def _approx_coef(km_ptr, sign_ptr, key, c0, C, WIN, w_factor, step, report_signs
             positive = tl.rand(key + 2, entry) < 0.5
             w = tl.sum(tl.where(positive, k_max, -k_max), axis=1) / WIN
             if REPORT:
-                tl.store(sign_ptr + entry, positive.to(tl.int8), mask=ok & report_signs)
+                tl.store(sign_ptr + entry, positive.to(tl.int8), mask=ok)
         else:  # linear next layer: w_c = K_M[c]
             w = tl.sum(k_max, axis=1)
         w = w * w_factor
     else:  # no next layer: the authors' fixed weight
-        w = tl.zeros((BC,), dtype=tl.float32) + w_factor
-    return w * step
+        w = tl.zeros((CB,), dtype=tl.float32) + w_factor
+    return w
 
 
 @triton.jit
-def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, stats_ptr, d_ptr, km_ptr,
-                     mask_rep, seed_rep, normal_rep, sigma_rep, sign_rep,
-                     rate, t_scale, n_parts, numel, gamma, w_factor, WIN, B, C, H, W, sxb, sxc, sxh, sxw,
+def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, stats_ptr, coef_ptr,
+                     mask_rep, seed_rep, normal_rep, sigma_rep,
+                     rate, t_scale, n_parts, numel, gamma, WIN, B, C, H, W, sxb, sxc, sxh, sxw,
                      sob, soc, soh, sow, b_chunk, n_ht, n_wt, w_step, KH, KW, BLOCK: tl.constexpr,
-                     SHARED: tl.constexpr, EXACT: tl.constexpr, HAS_KM: tl.constexpr, SIGNED: tl.constexpr,
-                     RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr, REPORT: tl.constexpr, BC: tl.constexpr,
-                     TH: tl.constexpr, TW: tl.constexpr, PACKED: tl.constexpr, PB: tl.constexpr,
-                     WINP: tl.constexpr):
+                     SHARED: tl.constexpr, EXACT: tl.constexpr, RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr,
+                     REPORT: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                     PACKED: tl.constexpr, PB: tl.constexpr):
     split, key, r, c, h, w, own, ws = _program(seed_ptr, prob_ptr, table_ptr, rate, t_scale, n_ht, n_wt, w_step, C,
                                                H, W, KH, RATE_FROM, TABLE_SIZE, BC, TH, TW)
     x_offsets = c * sxc + h * sxh + w * sxw
@@ -286,12 +300,10 @@ def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, st
         tl.store(stats_ptr + 1, scale)
         tl.store(stats_ptr + 2, fraction)
         tl.store(stats_ptr + 3, step)
-    if EXACT:
-        d = tl.load(d_ptr + (c * H + h) * W + w, mask=own, other=0.0)
-    else:  # this tile's channels; the first spatial tile of the first split reports the signs (tests)
-        first = (tl.program_id(0) % (n_ht * n_wt) == 0) & (split == 0)
-        coef = _approx_coef(km_ptr, sign_rep, key, (tl.program_id(0) // (n_ht * n_wt)) * BC, C, WIN, w_factor, step,
-                            first, HAS_KM, SIGNED, REPORT, BC, WINP)[:, None, None]
+    if EXACT:  # D of the ERC gradient (Eq. 14 / 22-24)
+        d = tl.load(coef_ptr + (c * H + h) * W + w, mask=own, other=0.0)
+    else:  # gamma * std * w_c (Eq. 15 / 22)
+        coef = tl.load(coef_ptr + c, mask=c < C, other=0.0) * step
     for i in range(0, b_chunk):  # this program's chunk of the batch (the last one may be short)
         b = split * b_chunk + i
         if b < B:
@@ -310,8 +322,8 @@ def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, st
                 tl.store(mask_rep + index, (m & own).to(tl.int8), mask=own)
                 if BLOCK:
                     if SHARED:
-                        first = own & (c == 0)  # (BC, TH, TW) like the pointers below; seeds is (1, TH, TW)
-                        tl.store(seed_rep + (b * H + h) * W + w + 0 * c, (seeds & first).to(tl.int8), mask=first)
+                        head = own & (c == 0)  # (BC, TH, TW) like the pointers below; seeds is (1, TH, TW)
+                        tl.store(seed_rep + (b * H + h) * W + w + 0 * c, (seeds & head).to(tl.int8), mask=head)
                     else:
                         tl.store(seed_rep + index, seeds.to(tl.int8), mask=own)
                 if EXACT:

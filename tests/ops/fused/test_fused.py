@@ -122,6 +122,28 @@ def test_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, monke
     torch.testing.assert_close(cut['out'], whole['out'])  # std(x) merged from other partials: rounding only
 
 
+@pytest.mark.parametrize('mode', ['approx', 'exact'])
+def test_statistics_programs_that_take_several_tiles_match_the_reference(mode, monkeypatch):
+    """6 statistics programs over 12 tiles (every 6th tile each, as on a GPU when the tiles outnumber the target
+    programs): the output, G and the realised fraction still equal the reference given the kernels' mask."""
+    monkeypatch.setattr(fused, 'INTERPRET_TILE_ELEMENTS', 64)
+    monkeypatch.setattr(fused, '_target_programs', lambda device: 6)
+    size = (4, 2, 13, 12)
+    tiles = fused.plan(size, 13 * 12, 5, 5, gpu=False, programs=6)
+    assert (tiles.n_tiles, tiles.n_stat, tiles.n_split) == (12, 6, 1)
+    torch.manual_seed(0)
+    _check_against_reference(torch.randn(size), 0.25, block_size=5, mode=mode, next_layer=nn.Conv2d(2, 3, 3, padding=1))
+
+
+def test_partials_stay_few_on_large_maps():
+    """Every apply program merges all the statistics partials: their number must not grow with the map."""
+    for shape, channel_stride in (((2, 64, 512, 1024), 512 * 1024), ((2, 64, 512, 1024), 1), ((32, 1024, 14, 14), 196),
+                                  ((1, 1, 4096, 4096), 1 << 24), ((64, 768, 1, 197), 1)):
+        tiles = fused.plan(shape, channel_stride, 7 if shape[2] > 1 else 1, 7 if shape[2] > 1 else 1, gpu=True,
+                           programs=528)
+        assert tiles.n_stat * tiles.n_split <= 2 * 528, (shape, tiles)
+
+
 def test_element_mask_and_normals_depend_on_logical_index_not_memory_layout():
     x = torch.randn(2, 5, 6, 7)
     a = _report(x, 0.3, seed=4)
@@ -372,3 +394,15 @@ def test_compiles_into_one_graph_with_the_custom_ops():
     x = torch.randn(3, 6, 9, 10, requires_grad=True)
     compiled(x).sum().backward()
     assert 0.6 < (x.grad != 0).float().mean().item() < 0.95
+
+
+def test_the_realised_fraction_has_no_gradient_eager_or_compiled():
+    """It is a statistic, not a function of x to differentiate: no autograd graph kept alive by a stored fraction."""
+    def run(x):
+        return _distort(x, 0.2, gamma=1.0, lam=0.0, steps=1, mode='approx', next_layer=None, block_size=3,
+                        shared_mask=False, layout=None, generator=None, mask=None)
+
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    for fn in (run, torch.compile(run, backend='aot_eager', fullgraph=True)):
+        out, fraction = fn(x)
+        assert out.requires_grad and not fraction.requires_grad and fraction.grad_fn is None
