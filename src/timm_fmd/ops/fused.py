@@ -170,8 +170,9 @@ def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
 
 
 def _parts_rows(x4: torch.Tensor, cfg: _Config) -> int:
-    """Rows of the statistics partials for any batch size (the tiles times the most batch splits :func:`plan`
-    makes), so that their shape does not depend on the batch: the fake implementation sees a symbolic one."""
+    """Rows of the statistics partials for any batch size (the most statistics programs times the most batch splits
+    :func:`plan` makes), so that their shape does not depend on the batch: the fake implementation sees a symbolic
+    one."""
     programs = _target_programs(x4.device)
     tiles = plan((1,) + tuple(operator.index(n) for n in x4.shape[1:]), operator.index(x4.stride(1)), cfg.kh, cfg.kw,
                  gpu=x4.device.type == 'cuda', programs=programs)
@@ -395,7 +396,7 @@ def distort(
     if next_layer is not None:
         window = next_layer.window
         if not exact:
-            k_max = next_layer.channel_max().reshape(channels, -1)
+            k_max = next_layer.channel_max().detach().reshape(channels, -1)  # an input of no gradient
             signed = next_layer.kind == 'conv'
             w_factor = ONE_BY_ONE_FACTOR if signed and window == 1 else 1.0
     config = list(_Config(kh, kw, int(block), int(block and shared_mask), int(exact), rate_from, window, int(signed),

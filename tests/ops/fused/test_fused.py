@@ -123,16 +123,28 @@ def test_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, monke
 
 
 @pytest.mark.parametrize('mode', ['approx', 'exact'])
-def test_statistics_programs_that_take_several_tiles_match_the_reference(mode, monkeypatch):
-    """6 statistics programs over 12 tiles (every 6th tile each, as on a GPU when the tiles outnumber the target
-    programs): the output, G and the realised fraction still equal the reference given the kernels' mask."""
+@pytest.mark.parametrize('size,programs,expected', [
+    ((4, 2, 13, 12), 5, (12, 5, 1)),  # 5 statistics programs over 12 tiles: every 5th tile each, unevenly
+    ((5, 2, 13, 12), 30, (12, 12, 3)),  # one tile each, the batch in 3 splits
+])
+def test_statistics_programs_over_several_tiles_or_splits_match_the_reference(mode, size, programs, expected,
+                                                                                monkeypatch):
+    """As on a GPU, where the tiles outnumber the target programs (several tiles per statistics program) or fall
+    short of them (batch splits): the output, G and the realised fraction equal the reference given the mask."""
     monkeypatch.setattr(fused, 'INTERPRET_TILE_ELEMENTS', 64)
-    monkeypatch.setattr(fused, '_target_programs', lambda device: 6)
-    size = (4, 2, 13, 12)
-    tiles = fused.plan(size, 13 * 12, 5, 5, gpu=False, programs=6)
-    assert (tiles.n_tiles, tiles.n_stat, tiles.n_split) == (12, 6, 1)
+    monkeypatch.setattr(fused, '_target_programs', lambda device: programs)
+    tiles = fused.plan(size, 13 * 12, 5, 5, gpu=False, programs=programs)
+    assert (tiles.n_tiles, tiles.n_stat, tiles.n_split) == expected
     torch.manual_seed(0)
     _check_against_reference(torch.randn(size), 0.25, block_size=5, mode=mode, next_layer=nn.Conv2d(2, 3, 3, padding=1))
+
+
+def test_channel_weights_of_more_channels_than_one_block(monkeypatch):
+    """A 2x2 map of 200 channels: one tile of 256 channels, whose approx weights are computed in 4 blocks of 64
+    (the last past C), signs included."""
+    assert fused.plan((2, 200, 2, 2), 4, 2, 2, gpu=False, programs=1).bc == 256
+    torch.manual_seed(1)
+    _check_against_reference(torch.randn(2, 200, 2, 2), 0.25, block_size=2, next_layer=nn.Conv2d(200, 3, 3, padding=1))
 
 
 def test_partials_stay_few_on_large_maps():
