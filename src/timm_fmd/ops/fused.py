@@ -112,6 +112,7 @@ class _Plan(NamedTuple):
     n_split: int
     b_chunk: int
     n_stat: int  # statistics programs per batch split; each takes every n_stat-th tile
+    parts_rows: int  # rows of the statistics partials for any batch size (n_stat times the most batch splits)
     w_step: int  # columns from one tile's start to the next's
     packed: bool  # every tile starts at a multiple of 4 columns and is a multiple of 4 wide: packed Philox draws
 
@@ -161,7 +162,9 @@ def _tiles(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: i
     b_chunk = _cdiv(batch, min(batch, max(1, _cdiv(programs, n_tiles))))
     packed = tw % 4 == 0 and (n_wt == 1 or w_step % 4 == 0)
     n_stat = min(n_tiles, programs)  # the apply programs each merge all n_stat * n_split partials: keep them few
-    return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk, n_stat, w_step, packed)
+    parts_rows = n_stat * max(1, _cdiv(programs, n_tiles))  # n_split <= this for any batch
+    return _Plan(bc, th, tw, n_ht, n_wt, n_tiles, _cdiv(batch, b_chunk), b_chunk, n_stat, parts_rows, w_step,
+                 packed)
 
 
 def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
@@ -170,13 +173,11 @@ def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
 
 
 def _parts_rows(x4: torch.Tensor, cfg: _Config) -> int:
-    """Rows of the statistics partials for any batch size (the most statistics programs times the most batch splits
-    :func:`plan` makes), so that their shape does not depend on the batch: the fake implementation sees a symbolic
-    one."""
-    programs = _target_programs(x4.device)
-    tiles = plan((1,) + tuple(operator.index(n) for n in x4.shape[1:]), operator.index(x4.stride(1)), cfg.kh, cfg.kw,
-                 gpu=x4.device.type == 'cuda', programs=programs)
-    return min(tiles.n_tiles, programs) * max(1, _cdiv(programs, tiles.n_tiles))
+    """:attr:`_Plan.parts_rows` of a map whose batch size may be symbolic (the fake implementation's): it does not
+    depend on the batch, so the plan of one sample gives it."""
+    one = (1,) + tuple(operator.index(n) for n in x4.shape[1:])
+    return plan(one, operator.index(x4.stride(1)), cfg.kh, cfg.kw, gpu=x4.device.type == 'cuda',
+                programs=_target_programs(x4.device)).parts_rows
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,7 @@ def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     batch, channels, height, width = x4.shape
     tiles = _plan(x4, cfg)
     f32 = dict(dtype=torch.float32, device=x.device)
-    parts = torch.empty((_parts_rows(x4, cfg), 4), **f32)  # the first n_stat * n_split rows are written
+    parts = torch.empty((tiles.parts_rows, 4), **f32)  # the first n_stat * n_split rows are written
     coef = torch.empty((tiles.n_split, channels, height, width) if cfg.exact else (channels,), **f32)
     signs = parts
     if report is not None and cfg.signed:
@@ -396,7 +397,7 @@ def distort(
     if next_layer is not None:
         window = next_layer.window
         if not exact:
-            k_max = next_layer.channel_max().detach().reshape(channels, -1)  # an input of no gradient
+            k_max = next_layer.channel_max().reshape(channels, -1)  # of NextLayer.weight: detached
             signed = next_layer.kind == 'conv'
             w_factor = ONE_BY_ONE_FACTOR if signed and window == 1 else 1.0
     config = list(_Config(kh, kw, int(block), int(block and shared_mask), int(exact), rate_from, window, int(signed),

@@ -138,18 +138,6 @@ def _grow(seeds, h, w, KH, KW, H_AXIS: tl.constexpr, W_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _own_mask(u, rate, h, w, H, W, KH, KW, BLOCK: tl.constexpr):
-    """A per-channel or element mask and the seeds it grew from, given each element's own uniform ``u``."""
-    if BLOCK:
-        seeds = (h <= H - KH) & (w <= W - KW) & (u < rate)
-        m = _grow(seeds, h, w, KH, KW, 1, 2)
-    else:
-        seeds = u < rate
-        m = seeds
-    return m, seeds
-
-
-@triton.jit
 def _mask(key, rate, b, c, h, w, ws, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr,
           BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, PACKED: tl.constexpr):
     """The distortion mask at ``(b, c, h, w)`` and the block seeds it grew from (``(1, TH, TW)`` when shared)."""
@@ -164,7 +152,12 @@ def _mask(key, rate, b, c, h, w, ws, C, H, W, KH, KW, BLOCK: tl.constexpr, SHARE
         seeds = seeds2[None, :, :]
     else:
         u = _draw(key, (b * C + c) * H + h, ws, w, W, False, False, BC, TH, TW, PACKED)
-        m, seeds = _own_mask(u, rate, h, w, H, W, KH, KW, BLOCK)
+        if BLOCK:
+            seeds = (h <= H - KH) & (w <= W - KW) & (u < rate)
+            m = _grow(seeds, h, w, KH, KW, 1, 2)
+        else:
+            seeds = u < rate
+            m = seeds
     return m, seeds
 
 

@@ -12,7 +12,7 @@ from timm_fmd.ops import fused
 from timm_fmd.ops.distortion import BlockFeatureMapDistortion, _distort
 from timm_fmd.ops.masks import block_mask
 
-from .test_fused import _check_against_reference, _report
+from .test_fused import TILINGS, _check_against_reference, _report, check_draws_do_not_depend_on_the_tiling
 
 pytestmark = pytest.mark.cuda
 
@@ -30,20 +30,10 @@ def test_fused_matches_the_reference_on_cuda(block_size, shared, mode, dtype, ch
     _check_against_reference(x.to(dtype), 0.1, mode=mode, next_layer=layer, block_size=block_size, shared=shared)
 
 
-@pytest.mark.parametrize('size,block_size,tile,packed', [((1, 2, 9, 7), 2, 16, False), ((1, 2, 13, 12), 5, 64, True)])
+@pytest.mark.parametrize('size,block_size,tile,packed', TILINGS)
 def test_compiled_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, monkeypatch):
-    """As the interpreter test of the same name, compiled: packed Philox draws (join + reshape) give the values
-    that per-element draws give, and small tiles with halos draw what one whole tile draws."""
-    x = torch.randn(size, device='cuda')
-    layer = nn.Conv2d(size[1], 3, 3, padding=1).cuda()
-    whole = _report(x, 0.3, block_size=block_size, next_layer=layer, seed=3)
-    monkeypatch.setattr(fused, 'TILE_ELEMENTS', tile)
-    tiles = fused.plan(size, size[2] * size[3], block_size, block_size, gpu=True, programs=4)
-    assert tiles.n_wt > 1 and tiles.packed == packed
-    cut = _report(x, 0.3, block_size=block_size, next_layer=layer, seed=3)
-    for k in ('seeds', 'mask', 'normal'):
-        assert torch.equal(whole[k], cut[k]), k
-    torch.testing.assert_close(cut['out'], whole['out'])
+    """The interpreter test of the same name, compiled: packed draws (join + reshape) as per-element ones."""
+    check_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, torch.device('cuda'), monkeypatch)
 
 
 def test_tokens_match_the_reference_on_cuda():

@@ -102,24 +102,32 @@ def test_mask_is_the_reference_dilation_of_the_kernels_seed_field(size, block_si
     assert valid.any() and not expected.all()
 
 
-@pytest.mark.parametrize('size,block_size,tile,packed', [
+TILINGS = [  # (map, block size, tile budget, packed): cut into several tiles along W
     ((1, 2, 9, 7), 2, 16, False),  # 4x4 tiles advancing 3 columns: one Philox evaluation per element
     ((1, 2, 13, 12), 5, 64, True),  # 8x8 tiles advancing 4 columns: one per four elements, interleaved
-])
-def test_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, monkeypatch):
+]
+
+
+def check_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, device, monkeypatch):
     """Element (row, w) takes word w % 4 of Philox at counter (row, w // 4), whether a tile evaluates it once per
     four columns (packed) or once per element: a map cut into small tiles draws what one whole tile draws."""
-    x = torch.randn(size)
-    layer = nn.Conv2d(size[1], 3, 3, padding=1)
+    gpu = device.type == 'cuda'
+    x = torch.randn(size, device=device)
+    layer = nn.Conv2d(size[1], 3, 3, padding=1).to(device)
     whole = _report(x, 0.3, block_size=block_size, next_layer=layer, seed=3)
-    assert fused.plan(size, size[2] * size[3], block_size, block_size, gpu=False, programs=1).packed
-    monkeypatch.setattr(fused, 'INTERPRET_TILE_ELEMENTS', tile)
-    tiles = fused.plan(size, size[2] * size[3], block_size, block_size, gpu=False, programs=1)
+    assert fused.plan(size, size[2] * size[3], block_size, block_size, gpu=gpu, programs=1).packed
+    monkeypatch.setattr(fused, 'TILE_ELEMENTS' if gpu else 'INTERPRET_TILE_ELEMENTS', tile)
+    tiles = fused.plan(size, size[2] * size[3], block_size, block_size, gpu=gpu, programs=1)
     assert tiles.n_wt > 1 and tiles.packed == packed
     cut = _report(x, 0.3, block_size=block_size, next_layer=layer, seed=3)
     for k in ('seeds', 'mask', 'normal'):
         assert torch.equal(whole[k], cut[k]), k
     torch.testing.assert_close(cut['out'], whole['out'])  # std(x) merged from other partials: rounding only
+
+
+@pytest.mark.parametrize('size,block_size,tile,packed', TILINGS)
+def test_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, monkeypatch):
+    check_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, torch.device('cpu'), monkeypatch)
 
 
 @pytest.mark.parametrize('mode', ['approx', 'exact'])
