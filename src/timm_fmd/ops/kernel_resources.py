@@ -68,7 +68,8 @@ def _specialise(fn, values: Dict[str, int], constexprs: Dict[str, object]) -> Tu
 def compile_kernel(fn, types: Dict[str, str], constexprs: Dict[str, object], capability: int = 90,
                    warps: int = 4, values: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Compile ``fn`` for ``sm_<capability>`` as a launch with the integer arguments ``values`` would be
-    specialised, and return its registers and spill bytes (``ptxas -v``)."""
+    specialised, and return its registers and spill bytes (``ptxas -v``) and its multiply-high instructions
+    (``mul.hi`` in the PTX: two per Philox round, most of Philox's work)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -77,8 +78,9 @@ def compile_kernel(fn, types: Dict[str, str], constexprs: Dict[str, object], cap
     constexprs, attrs = _specialise(fn, values or {}, constexprs)
     src = ASTSource(fn, _signature(fn, types, constexprs), constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget('cuda', capability, 32), options={'num_warps': warps})
-    arch = re.search(r'\.target\s+(sm_\w+)', compiled.asm['ptx']).group(1)
-    return _ptxas_usage(compiled.asm['ptx'], arch)
+    ptx = compiled.asm['ptx']
+    arch = re.search(r'\.target\s+(sm_\w+)', ptx).group(1)
+    return dict(_ptxas_usage(ptx, arch), mul_hi=len(re.findall(r'\bmul\.hi\.', ptx)))
 
 
 def _launch_values(shape: Tuple[int, int, int, int], channels_last: bool, tiles, kh: int, kw: int) -> Dict[str, int]:
@@ -146,11 +148,11 @@ def main() -> None:
     import triton
     print(f'triton {triton.__version__}, sm_90, bf16, block 7, tiles from fused.plan')
     print(f"{'kernel':<14} | {'shape':<20} | {'layout':<13} | {'mask':<11} | {'tile (C,H,W)':<14} | warps | regs | "
-          f"spill st | spill ld")
+          f"spill st | spill ld | mul.hi")
     for r in kernel_resources(layouts=(True, False), shared=(False, True)):
         print(f"{r['kernel']:<14} | {str(r['shape']):<20} | {r['layout']:<13} | {r['mask']:<11} | "
               f"{str(r['tile']):<14} | {r['warps']:5d} | {r['registers']:4d} | {r['spill_stores']:8d} | "
-              f"{r['spill_loads']:8d}")
+              f"{r['spill_loads']:8d} | {r['mul_hi']:6d}")
 
 
 if __name__ == '__main__':

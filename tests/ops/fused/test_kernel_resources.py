@@ -38,6 +38,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert len(rows) == 4 * 8 + 5  # 2 layouts x 2 masks x (5 kernels + 3 report variants); tokens
     for r in rows:
         assert 0 < r['registers'] <= 255, r
+        assert r['mul_hi'] > 0, r  # every kernel regenerates the mask with Philox
         if r['kernel'] in reports:
             continue
         # a few registers' worth at most (triton 3.8 spills up to 36 bytes where the statistics kernel loops over
