@@ -23,8 +23,10 @@ Backward: ``fmd_grad``, one kernel. No host synchronisation anywhere; the probab
 tensor (the block seed rate then comes from :func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the
 kernels), so the ops can be captured in a CUDA graph and ``torch.compile(fullgraph=True)`` sees them as opaque
 ops with fake (shape) implementations. Eager calls launch the same kernels without the custom-op dispatch (an
-``autograd.Function``): that dispatch was a third of an eager call's host time, and an eager FMD site is bound
-by host time, not by the GPU.
+``autograd.Function``): that dispatch was a third of an eager call's host time. Either way every launch goes through
+a :class:`timm_fmd.ops.launch.Launch` made once per map shape, layout, device and config (tiles, grid, sizes, strides
+and constexprs computed once), which calls the compiled kernel without Triton's per-call binding after its first
+launch (``benchmarks/bench_host.py`` measures the host time this saves).
 """
 import contextlib
 import functools
@@ -36,6 +38,7 @@ import torch
 
 from .capture import declare_capture_safe
 from .erc import rademacher_sup
+from .launch import Launch
 from .masks import RATE_TABLE_SIZE, RATE_TABLE_T_MAX, block_seed_rate, clamp_block_size, seed_rate_table
 from .next_layer import NO_NEXT_LAYER_WEIGHT, ONE_BY_ONE_FACTOR
 from .noise import generator_kwargs
@@ -167,11 +170,6 @@ def _tiles(shape: Tuple[int, int, int, int], channel_stride: int, kh: int, kw: i
                  packed)
 
 
-def _plan(x4: torch.Tensor, cfg: _Config) -> _Plan:
-    return plan(tuple(x4.shape), x4.stride(1), cfg.kh, cfg.kw, gpu=x4.device.type == 'cuda',
-                programs=_target_programs(x4.device))
-
-
 def _parts_rows(x4: torch.Tensor, cfg: _Config) -> int:
     """:attr:`_Plan.parts_rows` of a map whose batch size may be symbolic (the fake implementation's): it does not
     depend on the batch, so the plan of one sample gives it."""
@@ -215,44 +213,106 @@ def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
                 BC=tiles.bc, TH=tiles.th, TW=tiles.tw, PACKED=tiles.packed, num_warps=num_warps(tiles))
 
 
+class _Launches(NamedTuple):
+    """The forward's launches on one map and config: host work done once per shape, layout and device."""
+    cfg: _Config
+    tiles: _Plan
+    out_strides: Tuple[int, ...]
+    stats: Launch
+    apply: Launch
+
+
+def _meta(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A map of this shape and these strides, and its ``torch.empty_like``, on the meta device (no memory): their
+    strides are the real tensors'."""
+    meta = torch.empty_strided(shape, strides, device='meta')
+    return meta, torch.empty_like(meta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launches(shape: Tuple[int, ...], strides: Tuple[int, ...], device: torch.device, config: Tuple[int, ...],
+              report: bool) -> _Launches:
+    cfg = _Config(*config)
+    x, out = _meta(shape, strides)
+    x4, out4 = _as_4d(x), _as_4d(out)
+    batch, channels, height, width = x4.shape
+    tiles = plan(tuple(x4.shape), x4.stride(1), cfg.kh, cfg.kw, gpu=device.type == 'cuda',
+                 programs=_target_programs(device))
+    walk = (tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw)  # the tiles' walk over the map
+    stats = Launch((tiles.n_stat, tiles.n_split),
+                   (_T_SCALE, cfg.window, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_tiles,
+                    *walk),
+                   dict(EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km), SIGNED=bool(cfg.signed), REPORT=report,
+                        CB=min(tiles.bc, CHANNEL_BLOCK), WINP=_np2(cfg.window), **_mask_args(cfg, tiles)))
+    apply = Launch((tiles.n_tiles, tiles.n_split),
+                   (_T_SCALE, float(x4.numel()), tiles.n_stat * tiles.n_split, cfg.window, batch, channels, height,
+                    width, *x4.stride(), *out4.stride(), tiles.b_chunk, *walk),
+                   dict(EXACT=bool(cfg.exact), REPORT=report, PB=PARTS_BLOCK, **_mask_args(cfg, tiles)))
+    return _Launches(cfg, tiles, out.stride(), stats, apply)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grad_launch(shape: Tuple[int, ...], grad_strides: Tuple[int, ...], dx_strides: Tuple[int, ...],
+                 device: torch.device, config: Tuple[int, ...]) -> Launch:
+    cfg = _Config(*config)
+    g4, dx4 = (_as_4d(_meta(shape, strides)[0]) for strides in (grad_strides, dx_strides))
+    batch, channels, height, width = g4.shape
+    tiles = plan(tuple(dx4.shape), dx4.stride(1), cfg.kh, cfg.kw, gpu=device.type == 'cuda',
+                 programs=_target_programs(device))
+    return Launch((tiles.n_tiles, tiles.n_split),
+                  (_T_SCALE, batch, channels, height, width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht,
+                   tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw),
+                  _mask_args(cfg, tiles))
+
+
+def _forward_launches(x: torch.Tensor, config: List[int], report: Optional[dict]) -> _Launches:
+    return _launches(tuple(x.shape), x.stride(), x.device, tuple(config), report is not None)
+
+
+_KERNELS = None
+
+
+def _kernels():
+    """:mod:`timm_fmd.ops.kernels`, imported at the first launch (it imports triton). Its kernels are looked up at
+    each launch, so that a test may stand in for one."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import kernels
+        _KERNELS = kernels
+    return _KERNELS
+
+
 def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
                   rate: float, w_factor: float, config: List[int],
                   report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    from . import kernels
-    cfg = _Config(*config)
+    launches = _forward_launches(x, config, report)
+    cfg, tiles = launches.cfg, launches.tiles
     x4 = _as_4d(x)
-    batch, channels, height, width = x4.shape
-    tiles = _plan(x4, cfg)
     f32 = dict(dtype=torch.float32, device=x.device)
     parts = torch.empty((tiles.parts_rows, 4), **f32)  # the first n_stat * n_split rows are written
-    coef = torch.empty((tiles.n_split, channels, height, width) if cfg.exact else (channels,), **f32)
+    coef = torch.empty((tiles.n_split,) + tuple(x4.shape[1:]) if cfg.exact else (x.shape[1],), **f32)
     signs = parts
     if report is not None and cfg.signed:
         signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
     with _device_guard(x):
-        kernels.fmd_stats_kernel[(tiles.n_stat, tiles.n_split)](
-            x4, seed, _or(prob, seed), _table(cfg, x4, parts), parts, coef, _or(k_max, parts), signs, rate, _T_SCALE,
-            w_factor, cfg.window, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_tiles,
-            tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw, EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km),
-            SIGNED=bool(cfg.signed), REPORT=report is not None, CB=min(tiles.bc, CHANNEL_BLOCK),
-            WINP=_np2(cfg.window), **_mask_args(cfg, tiles))
+        launches.stats(_kernels().fmd_stats_kernel, x4, seed, _or(prob, seed), _table(cfg, x4, parts), parts, coef,
+                       _or(k_max, parts), signs, rate, w_factor)
     if cfg.exact:  # G = sum over the batch chunks, in the map's canonical (C, *spatial) shape
-        coef = (coef.sum(0) if tiles.n_split > 1 else coef[0]).reshape((channels,) + tuple(x.shape[2:]))
+        coef = (coef.sum(0) if tiles.n_split > 1 else coef[0]).reshape(tuple(x.shape[1:]))
     return parts, coef
 
 
 def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], parts: torch.Tensor,
                   coef: torch.Tensor, rate: float, gamma: float, config: List[int],
                   report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    from . import kernels
-    cfg = _Config(*config)
-    out = torch.empty_like(x)
+    launches = _forward_launches(x, config, report)
+    cfg = launches.cfg
+    out = torch.empty_strided(x.shape, launches.out_strides, dtype=x.dtype, device=x.device)
     stats = torch.empty(4, dtype=torch.float32, device=x.device)
     x4, out4 = _as_4d(x), _as_4d(out)
-    batch, channels, height, width = x4.shape
-    tiles = _plan(x4, cfg)
     reports = [stats] * 4
     if report is not None:
+        batch, channels, height, width = x4.shape
         new = functools.partial(torch.zeros, device=x.device)
         report['mask'] = new(x4.shape, dtype=torch.int8)
         report['seeds'] = new((batch, 1 if cfg.shared else channels, height, width), dtype=torch.int8)
@@ -260,12 +320,8 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
         report['sigma'] = new(batch, dtype=torch.float32)
         reports = [report[k] for k in ('mask', 'seeds', 'normal', 'sigma')]
     with _device_guard(x):
-        kernels.fmd_apply_kernel[(tiles.n_tiles, tiles.n_split)](
-            x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), parts, stats, coef.contiguous(), *reports,
-            rate, _T_SCALE, tiles.n_stat * tiles.n_split, float(x.numel()), gamma, cfg.window, batch, channels,
-            height, width, *x4.stride(), *out4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, tiles.w_step,
-            cfg.kh, cfg.kw, EXACT=bool(cfg.exact), REPORT=report is not None, PB=PARTS_BLOCK,
-            **_mask_args(cfg, tiles))
+        launches.apply(_kernels().fmd_apply_kernel, x4, out4, seed, _or(prob, seed), _table(cfg, x4, stats), parts,
+                       stats, coef.contiguous(), *reports, rate, gamma)
     return out, stats
 
 
@@ -300,17 +356,12 @@ def _(x, seed, prob, parts, coef, rate, gamma, config):
 
 def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
                  rate: float, config: List[int], strides: List[int]) -> torch.Tensor:
-    from . import kernels
-    cfg = _Config(*config)
+    launch = _grad_launch(tuple(grad.shape), grad.stride(), tuple(strides), grad.device, tuple(config))
     dx = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
-    g4, dx4 = _as_4d(grad), _as_4d(dx)
-    batch, channels, height, width = g4.shape
-    tiles = _plan(dx4, cfg)
+    g4 = _as_4d(grad)
     with _device_guard(grad):
-        kernels.fmd_grad_kernel[(tiles.n_tiles, tiles.n_split)](
-            g4, dx4, seed, _or(prob, seed), _table(cfg, g4, stats), stats, rate, _T_SCALE, batch, channels, height,
-            width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw,
-            **_mask_args(cfg, tiles))
+        launch(_kernels().fmd_grad_kernel, g4, _as_4d(dx), seed, _or(prob, seed),
+               _table(_Config(*config), g4, stats), stats, rate)
     return dx
 
 

@@ -15,6 +15,9 @@ channels_last and any other strides need no copy:
   ``-sigma_b gamma std / |w| * D[c, h, w]`` (exact);
 * :func:`fmd_grad_kernel` -- ``grad_x = where(m, 0, grad * scale)``.
 
+Each kernel takes its tensors and per-call floats first, then what a map's shape fixes (sizes, strides, the tiles'
+walk) and its constexprs: :class:`timm_fmd.ops.launch.Launch` binds the latter once per shape.
+
 The mask is never stored: every kernel regenerates it from the call's seed with counter-based Philox, as in
 seeded low-memory dropout. Random streams use the Philox key ``4 * seed + k`` (``k`` = 0 block seeds / element
 uniforms, 1 normals, 2 weight signs, 3 sample signs) and *logical* canonical indices as counters, so the draws do
@@ -170,7 +173,7 @@ def _sample_sign(key, b):
 
 @triton.jit
 def fmd_stats_kernel(x_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, g_ptr, km_ptr, sign_rep,
-                     rate, t_scale, w_factor, WIN, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_tiles, n_ht, n_wt,
+                     rate, w_factor, t_scale, WIN, B, C, H, W, sxb, sxc, sxh, sxw, b_chunk, n_tiles, n_ht, n_wt,
                      w_step, KH, KW, BLOCK: tl.constexpr, SHARED: tl.constexpr, EXACT: tl.constexpr,
                      HAS_KM: tl.constexpr, SIGNED: tl.constexpr, REPORT: tl.constexpr, RATE_FROM: tl.constexpr,
                      TABLE_SIZE: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
@@ -278,7 +281,7 @@ def _channel_weights(km_ptr, sign_ptr, key, c0, C, WIN, w_factor, HAS_KM: tl.con
 @triton.jit
 def fmd_apply_kernel(x_ptr, out_ptr, seed_ptr, prob_ptr, table_ptr, part_ptr, stats_ptr, coef_ptr,
                      mask_rep, seed_rep, normal_rep, sigma_rep,
-                     rate, t_scale, n_parts, numel, gamma, WIN, B, C, H, W, sxb, sxc, sxh, sxw,
+                     rate, gamma, t_scale, numel, n_parts, WIN, B, C, H, W, sxb, sxc, sxh, sxw,
                      sob, soc, soh, sow, b_chunk, n_ht, n_wt, w_step, KH, KW, BLOCK: tl.constexpr,
                      SHARED: tl.constexpr, EXACT: tl.constexpr, RATE_FROM: tl.constexpr, TABLE_SIZE: tl.constexpr,
                      REPORT: tl.constexpr, BC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,

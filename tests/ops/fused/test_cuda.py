@@ -113,3 +113,42 @@ def test_backward_keeps_no_mask():
     # the backward allocates the upstream-independent gradient only: no mask, no keep tensor
     assert torch.cuda.max_memory_allocated() - base <= 2 * x.numel() * x.element_size() + (1 << 20)
     assert fused.applies(x, lam=0.0, steps=1, mask=None, noise=None)
+
+
+def test_direct_launches_equal_launches_through_triton(monkeypatch):
+    """After a key's first launch the compiled kernels are called directly (``timm_fmd.ops.launch``): the same
+    outputs and gradients, bit for bit, as launches through ``kernel[grid]``, on an aligned and a misaligned map,
+    with Triton binding each kernel's launch once per key."""
+    from timm_fmd.ops import kernels
+
+    through_triton = []
+
+    class Counting:  # one object per kernel for the whole test: the launchers stay cached
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getattr__(self, name):
+            return getattr(self.kernel, name)
+
+        def __getitem__(self, grid):
+            through_triton.append(self.kernel)
+            return self.kernel[grid]
+
+    for name in ('fmd_stats_kernel', 'fmd_apply_kernel', 'fmd_grad_kernel'):
+        monkeypatch.setattr(kernels, name, Counting(getattr(kernels, name)))
+    module = BlockFeatureMapDistortion(0.1, 3, next_layer=nn.Conv2d(16, 8, 3, padding=1).cuda())
+    shape = (4, 16, 12, 12)
+    n = torch.Size(shape).numel()
+    maps = [torch.randn(shape, device='cuda'), torch.randn(n + 1, device='cuda')[1:].view(shape)]  # 4 bytes past
+    grad = torch.randn(shape, device='cuda')
+    for x in maps:
+        results = []
+        for _ in range(3):
+            torch.manual_seed(0)
+            leaf = x.detach().requires_grad_()  # same storage, same offset
+            out = module(leaf)
+            out.backward(grad)
+            results.append((out, leaf.grad))
+        for out, dx in results[1:]:
+            assert torch.equal(out, results[0][0]) and torch.equal(dx, results[0][1])
+    assert len(through_triton) == 3 + 2  # aligned: 3 kernels; misaligned map: stats and apply (the gradient is aligned)

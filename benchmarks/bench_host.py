@@ -1,0 +1,185 @@
+"""Host time of the fused op, measured without a GPU: everything up to the kernels' launches runs for real.
+
+    python benchmarks/bench_host.py                  # the README's table
+    python benchmarks/bench_host.py --repeats 21 --calls 400
+
+An eager training step pays every FMD site's host time on every call: the op's Python, its allocations and seed
+draw, autograd, and Triton's launch path. Where a step's host time exceeds its GPU time, the GPU waits. Without a GPU
+nothing can be launched, but all of that runs on CPU tensors (``fused.forced()``): the kernels are replaced by
+stand-ins that bind and specialise their arguments with Triton's own binder for an sm_90 target -- the work
+``JITFunction.run`` does before it calls the driver -- and launch nothing. Not included: the CUDA driver's part of a
+launch (a few microseconds per kernel, the same in every column) and the GPU.
+
+Columns, side by side (each repeat runs every column in turn; medians over repeats), microseconds per forward+backward:
+"no launches" -- the stand-ins do nothing: the op's own host time; "Triton binds every launch" -- every launch
+through ``kernel[grid](...)`` (the op before ``timm_fmd.ops.launch``); "as shipped" -- Triton binds a launch with a
+new key once, then the compiled kernel is called directly. Then Triton's binder alone, per launch of each kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from timm_fmd.ops import fused
+from timm_fmd.ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
+
+KERNELS = ('fmd_stats_kernel', 'fmd_apply_kernel', 'fmd_grad_kernel')
+MODES = ('no launches', 'Triton binds every launch', 'as shipped')
+
+
+class StandIn:
+    """A kernel whose ``[grid](*args, **kwargs)`` does what ``JITFunction.run`` does before the driver -- read the
+    knobs, bind and specialise the arguments for sm_90, compute the kernel's cache key -- and launches nothing.
+
+    ``mode``: 'no launches' (nothing at all), 'Triton binds every launch' (returns no compiled kernel, so every
+    launch comes back here), 'as shipped' (returns a compiled kernel whose launcher does nothing)."""
+
+    def __init__(self, kernel, mode: str):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+        self.jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreted: its source
+        self.params = self.jit.params
+        self.binder = create_function_from_signature(self.jit.signature, self.params,
+                                                     make_backend(GPUTarget('cuda', 90, 32)))
+        self.mode = mode
+        self.key_cache: Dict = {}
+        self.compiled = _no_launch_kernel() if mode == 'as shipped' else None
+        self.last = None  # the first launch's (args, kwargs)
+
+    def bind(self, *args, **kwargs) -> Tuple[str, list]:
+        """``(cache key, bound values)``: the key of the compiled kernel Triton would launch, and the values it would
+        pass to that kernel's launcher."""
+        from triton import knobs
+        from triton.runtime.jit import compute_cache_key
+        kwargs['debug'] = kwargs.get('debug', self.jit.debug) or knobs.runtime.debug
+        kwargs['instrumentation_mode'] = knobs.compilation.instrumentation_mode
+        bound, specialization, options = self.binder(*args, **kwargs)
+        return compute_cache_key(self.key_cache, specialization, options), list(bound.values())
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if self.last is None:  # kept once: holding every call's tensors would change the allocator's work
+                self.last = (args, dict(kwargs))
+            if self.mode != 'no launches':
+                self.bind(*args, **kwargs)
+            return self.compiled
+        return run
+
+
+def _no_launch_kernel():
+    """A :class:`triton.compiler.CompiledKernel` (for ``isinstance``) whose launcher launches nothing."""
+    from triton.compiler import CompiledKernel
+
+    class NoLaunch(CompiledKernel):
+        def __init__(self):  # nothing compiled, nothing loaded on a device
+            self.module = None
+
+        def __getitem__(self, grid):
+            return lambda *values, stream=None: None
+
+    return NoLaunch()
+
+
+def variants(shape) -> Dict[str, nn.Module]:
+    channels = shape[1]
+    conv = nn.Conv2d(channels, channels // 4, 3, padding=1)  # a bottleneck's 3x3: the usual next layer
+    return {
+        'block FMD approx, per channel': BlockFeatureMapDistortion(0.1, 7, next_layer=conv),
+        'block FMD approx, shared': BlockFeatureMapDistortion(0.1, 7, shared_mask=True, next_layer=conv),
+        'element FMD approx': FeatureMapDistortion(0.1, next_layer=conv),
+    }
+
+
+def _per_call(fn: Callable[[], None], calls: int) -> float:
+    for _ in range(5):  # first launches bind (as shipped: once per key)
+        fn()
+    gc.collect()
+    gc.disable()  # a collection would land in one column's timing, at random
+    try:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls * 1e6
+    finally:
+        gc.enable()
+
+
+def measure(shape, repeats: int, calls: int) -> List[Dict]:
+    """Microseconds per forward+backward of each variant in each mode (medians), and the binder alone per kernel."""
+    from timm_fmd.ops import kernels
+    originals = {name: getattr(kernels, name) for name in KERNELS}
+    stand_ins = {mode: {name: StandIn(k, mode) for name, k in originals.items()} for mode in MODES}
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    modules = variants(shape)
+
+    def step(module):
+        def call():
+            module(x).backward(grad)
+            x.grad = None
+        return call
+
+    times = {(name, mode): [] for name in modules for mode in MODES}
+    try:
+        with fused.forced():
+            for _ in range(repeats):
+                for name, module in modules.items():
+                    for mode in MODES:
+                        for kernel_name, stand_in in stand_ins[mode].items():
+                            setattr(kernels, kernel_name, stand_in)
+                        times[name, mode].append(_per_call(step(module), calls))
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+    rows = [dict(item=name, **{mode: statistics.median(times[name, mode]) for mode in MODES}) for name in modules]
+    for kernel_name, stand_in in stand_ins['Triton binds every launch'].items():
+        args, kwargs = stand_in.last
+        binder = statistics.median(_per_call(lambda: stand_in.bind(*args, **kwargs), calls) for _ in range(repeats))
+        rows.append(dict(item=f'Triton binder alone: {kernel_name} ({len(args)} arguments, {len(kwargs)} keywords)',
+                         binder=binder))
+    return rows
+
+
+def print_table(rows: List[Dict], shape) -> None:
+    print(f'Host time per forward+backward, {tuple(shape)} fp32, p 0.1, block 7, next layer a 3x3 conv; '
+          f'torch {torch.__version__}, {torch.get_num_threads()} thread(s); microseconds')
+    width = max(len(r['item']) for r in rows)
+    print(f"{'item':<{width}} | {MODES[0]:>11} | {MODES[1]:>25} | {MODES[2]:>10} | {'saved':>6}")
+    for r in rows:
+        if 'binder' in r:
+            print(f"{r['item']:<{width}} | {'':>11} | {r['binder']:25.1f} | {'':>10} | {'':>6}")
+        else:
+            saved = 1 - r[MODES[2]] / r[MODES[1]]
+            print(f"{r['item']:<{width}} | {r[MODES[0]]:11.1f} | {r[MODES[1]]:25.1f} | {r[MODES[2]]:10.1f} | "
+                  f"{saved:6.0%}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--shape', default='8x64x14x14',
+                   help='BxCxHxW of the map (default %(default)s; CPU tensor work that is a single launch on a GPU, '
+                        'such as the next weight\'s amax, grows with it)')
+    p.add_argument('--repeats', type=int, default=11)
+    p.add_argument('--calls', type=int, default=200, help='forward+backward calls per timing')
+    p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default %(default)s)')
+    args = p.parse_args(argv)
+    shape = tuple(int(n) for n in args.shape.lower().split('x'))
+    if len(shape) != 4 or min(shape) < 1:
+        p.error(f'--shape must be BxCxHxW with positive sizes, got {args.shape!r}')
+    for name in ('repeats', 'calls', 'threads'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+    torch.set_num_threads(args.threads)
+    print_table(measure(shape, args.repeats, args.calls), shape)
+
+
+if __name__ == '__main__':
+    main()
