@@ -229,15 +229,14 @@ def _meta(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Tuple[torch.Tenso
     return meta, torch.empty_like(meta)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)  # keyed on all that decides the launches, the plan's tile budget included
 def _launches(shape: Tuple[int, ...], strides: Tuple[int, ...], device: torch.device, config: Tuple[int, ...],
-              report: bool) -> _Launches:
+              report: bool, budget: int, programs: int) -> _Launches:
     cfg = _Config(*config)
     x, out = _meta(shape, strides)
     x4, out4 = _as_4d(x), _as_4d(out)
     batch, channels, height, width = x4.shape
-    tiles = plan(tuple(x4.shape), x4.stride(1), cfg.kh, cfg.kw, gpu=device.type == 'cuda',
-                 programs=_target_programs(device))
+    tiles = _tiles(tuple(x4.shape), x4.stride(1), cfg.kh, cfg.kw, device.type == 'cuda', programs, budget)
     walk = (tiles.n_ht, tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw)  # the tiles' walk over the map
     stats = Launch((tiles.n_stat, tiles.n_split),
                    (_T_SCALE, cfg.window, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_tiles,
@@ -253,20 +252,27 @@ def _launches(shape: Tuple[int, ...], strides: Tuple[int, ...], device: torch.de
 
 @functools.lru_cache(maxsize=1024)
 def _grad_launch(shape: Tuple[int, ...], grad_strides: Tuple[int, ...], dx_strides: Tuple[int, ...],
-                 device: torch.device, config: Tuple[int, ...]) -> Launch:
+                 device: torch.device, config: Tuple[int, ...], budget: int, programs: int) -> Launch:
     cfg = _Config(*config)
     g4, dx4 = (_as_4d(_meta(shape, strides)[0]) for strides in (grad_strides, dx_strides))
     batch, channels, height, width = g4.shape
-    tiles = plan(tuple(dx4.shape), dx4.stride(1), cfg.kh, cfg.kw, gpu=device.type == 'cuda',
-                 programs=_target_programs(device))
+    tiles = _tiles(tuple(dx4.shape), dx4.stride(1), cfg.kh, cfg.kw, device.type == 'cuda', programs, budget)
     return Launch((tiles.n_tiles, tiles.n_split),
                   (_T_SCALE, batch, channels, height, width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht,
                    tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw),
                   _mask_args(cfg, tiles))
 
 
+def _budget(device: torch.device) -> Tuple[int, int]:
+    """What :func:`plan` reads besides the shape: the tile budget and the target number of programs (read at each
+    call: tests set them)."""
+    gpu = device.type == 'cuda'
+    return TILE_ELEMENTS if gpu else INTERPRET_TILE_ELEMENTS, _target_programs(device)
+
+
 def _forward_launches(x: torch.Tensor, config: List[int], report: Optional[dict]) -> _Launches:
-    return _launches(tuple(x.shape), x.stride(), x.device, tuple(config), report is not None)
+    device = x.device
+    return _launches(tuple(x.shape), x.stride(), device, tuple(config), report is not None, *_budget(device))
 
 
 _KERNELS = None
@@ -292,8 +298,10 @@ def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     parts = torch.empty((tiles.parts_rows, 4), **f32)  # the first n_stat * n_split rows are written
     coef = torch.empty((tiles.n_split,) + tuple(x4.shape[1:]) if cfg.exact else (x.shape[1],), **f32)
     signs = parts
-    if report is not None and cfg.signed:
-        signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
+    if report is not None:
+        report['plan'] = tiles  # the tiles the kernels ran
+        if cfg.signed:
+            signs = report['weight_signs'] = torch.zeros(k_max.shape, dtype=torch.int8, device=x.device)
     with _device_guard(x):
         launches.stats(_kernels().fmd_stats_kernel, x4, seed, _or(prob, seed), _table(cfg, x4, parts), parts, coef,
                        _or(k_max, parts), signs, rate, w_factor)
@@ -356,7 +364,8 @@ def _(x, seed, prob, parts, coef, rate, gamma, config):
 
 def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
                  rate: float, config: List[int], strides: List[int]) -> torch.Tensor:
-    launch = _grad_launch(tuple(grad.shape), grad.stride(), tuple(strides), grad.device, tuple(config))
+    device = grad.device
+    launch = _grad_launch(tuple(grad.shape), grad.stride(), tuple(strides), device, tuple(config), *_budget(device))
     dx = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
     g4 = _as_4d(grad)
     with _device_guard(grad):

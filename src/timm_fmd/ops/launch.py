@@ -1,8 +1,8 @@
 """Launching a Triton kernel with the arguments a shape fixes bound once (host time of an eager call).
 
 ``kernel[grid](*args, **kwargs)`` makes Triton bind and specialise every argument on every call (its generated
-binder, then a cache-key string): 19-28 us per launch of the fused op's kernels on the development CPU, three launches
-per op call, as much host time as the rest of the op (``benchmarks/bench_host.py``). A :class:`Launch` holds what a
+binder, then a cache-key string): 14-19 us per launch of the fused op's kernels on the development CPU, three launches
+per op call, about a third of the op's host time (``benchmarks/bench_host.py``). A :class:`Launch` holds what a
 map's shape fixes -- the grid, the trailing arguments (sizes, strides, tiles) and the constexpr keywords -- and is
 called with the leading ones (tensors, per-call floats). The first call with a given *key* goes through Triton
 (``JITFunction.run``: bind, specialise, find or compile the kernel, launch), which returns the
@@ -14,10 +14,11 @@ The key covers what Triton's binder specialises the leading arguments on: each t
 is a multiple of 16, and the type of every other argument (floats are never specialised; an int's value would be, so
 the key holds it). The fixed arguments and keywords are the Launch's own; Triton specialises its ints (1 becomes a
 constant, multiples of 16 are marked) once for good. ``tests/ops/fused/test_launch.py`` checks both against Triton's
-own binder. What the direct call skips: Triton's pre-run hooks (this package registers none) and its re-reading of
-``TRITON_DEBUG`` and of the instrumentation knob at every launch (a Launch keeps its first launch's setting). Where a
-launch returns no compiled kernel (Triton's interpreter, ``TRITON_INTERPRET=1``; a test's stand-in kernel) every call
-goes through ``kernel[grid]``.
+own binder. What the direct call skips, all of it fixed for this package's kernels: Triton's pre-run hooks (none
+registered), its check that the globals a kernel read are unchanged (module constants), its re-reading of
+``TRITON_DEBUG``, of the instrumentation knob and (3.8) of the stage-inspection hook at every launch, and its kernel
+cache (a Launch keeps the kernel of its first launch). Where a launch returns no compiled kernel (Triton's
+interpreter, ``TRITON_INTERPRET=1``; a test's stand-in kernel) every call goes through ``kernel[grid]``.
 """
 from __future__ import annotations
 
@@ -76,9 +77,10 @@ class Launch:
             return None
         if not isinstance(compiled, CompiledKernel):
             return None
-        run = compiled[self.grid]
+        run = compiled[self.grid + (1,) * (3 - len(self.grid))]  # unlike kernel[grid], it reads three entries
         n_positional = n_leading + len(self.fixed)
-        tail = self.fixed + tuple(self.kwargs[param.name] for param in kernel.params[n_positional:])
+        rest = kernel.params[n_positional:]  # constexprs by name (a default where one is not given, as Triton binds)
+        tail = self.fixed + tuple(self.kwargs.get(param.name, param.default) for param in rest)
         return lambda *leading: run(*leading, *tail)
 
     def __repr__(self) -> str:

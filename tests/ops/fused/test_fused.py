@@ -93,6 +93,7 @@ def test_mask_is_the_reference_dilation_of_the_kernels_seed_field(size, block_si
         monkeypatch.setattr(fused, 'INTERPRET_TILE_ELEMENTS', tile)
     torch.manual_seed(0)
     report, _ = _check_against_reference(torch.randn(size), 0.25, block_size=block_size, shared=shared)
+    assert (report['plan'].n_tiles > 1) == bool(tile)  # the kernels ran the tiles the budget gives
     kh, kw = clamp_block_size(block_size, *size[2:])
     seeds = report['seeds'].bool()
     valid = seeds[:, :, :size[2] - kh + 1, :size[3] - kw + 1]
@@ -115,11 +116,10 @@ def check_draws_do_not_depend_on_the_tiling(size, block_size, tile, packed, devi
     x = torch.randn(size, device=device)
     layer = nn.Conv2d(size[1], 3, 3, padding=1).to(device)
     whole = _report(x, 0.3, block_size=block_size, next_layer=layer, seed=3)
-    assert fused.plan(size, size[2] * size[3], block_size, block_size, gpu=gpu, programs=1).packed
+    assert whole['plan'].n_tiles == 1 and whole['plan'].packed  # the plans the kernels ran
     monkeypatch.setattr(fused, 'TILE_ELEMENTS' if gpu else 'INTERPRET_TILE_ELEMENTS', tile)
-    tiles = fused.plan(size, size[2] * size[3], block_size, block_size, gpu=gpu, programs=1)
-    assert tiles.n_wt > 1 and tiles.packed == packed
     cut = _report(x, 0.3, block_size=block_size, next_layer=layer, seed=3)
+    assert cut['plan'].n_wt > 1 and cut['plan'].packed == packed
     for k in ('seeds', 'mask', 'normal'):
         assert torch.equal(whole[k], cut[k]), k
     torch.testing.assert_close(cut['out'], whole['out'])  # std(x) merged from other partials: rounding only
@@ -141,10 +141,11 @@ def test_statistics_programs_over_several_tiles_or_splits_match_the_reference(mo
     short of them (batch splits): the output, G and the realised fraction equal the reference given the mask."""
     monkeypatch.setattr(fused, 'INTERPRET_TILE_ELEMENTS', 64)
     monkeypatch.setattr(fused, '_target_programs', lambda device: programs)
-    tiles = fused.plan(size, 13 * 12, 5, 5, gpu=False, programs=programs)
-    assert (tiles.n_tiles, tiles.n_stat, tiles.n_split) == expected
     torch.manual_seed(0)
-    _check_against_reference(torch.randn(size), 0.25, block_size=5, mode=mode, next_layer=nn.Conv2d(2, 3, 3, padding=1))
+    report, _ = _check_against_reference(torch.randn(size), 0.25, block_size=5, mode=mode,
+                                         next_layer=nn.Conv2d(2, 3, 3, padding=1))
+    tiles = report['plan']  # the plan the kernels ran
+    assert (tiles.n_tiles, tiles.n_stat, tiles.n_split) == expected
 
 
 def test_channel_weights_of_more_channels_than_one_block(monkeypatch):

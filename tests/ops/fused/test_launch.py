@@ -27,15 +27,25 @@ _spec.loader.exec_module(bench_host)
 KERNELS = bench_host.KERNELS
 
 
+@pytest.fixture
+def driver():
+    with bench_host.stub_driver():
+        yield
+
+
 class Recorded(CompiledKernel):
-    """A compiled kernel (for ``isinstance``) that records its launcher's arguments instead of launching."""
+    """A compiled kernel with nothing compiled whose C launcher is a recorder: launches through the inherited
+    ``__getitem__`` runner (Triton's own) record ``(the kernel, grid, values)`` instead of launching."""
 
-    def __init__(self, stand_in, key, options):  # no compilation: CompiledKernel.__init__ is not called
-        self.stand_in, self.key, self.options = stand_in, key, options
-        self.module = None  # nothing loaded on a device (CompiledKernel.__del__ unloads a module)
+    def __init__(self, stand_in, key, options):  # CompiledKernel.__init__ needs a compilation
+        self.module, self.function, self.packed_metadata = object(), None, None  # "loaded": nothing to initialise
+        self.name, self.src, self.metadata_group = 'stand-in', None, {}
+        self.key, self.options = key, options
+        self._run = lambda gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit, *values: \
+            stand_in.direct.append((self, (gx, gy, gz), list(values)))
 
-    def __getitem__(self, grid):
-        return lambda *values, stream=None: self.stand_in.direct.append((self, list(values)))
+    def __del__(self):  # nothing to unload from a device
+        pass
 
 
 class StandIn(bench_host.StandIn):
@@ -56,7 +66,7 @@ class StandIn(bench_host.StandIn):
 
 
 @pytest.fixture
-def stand_ins(monkeypatch):
+def stand_ins(monkeypatch, driver):
     found = {name: StandIn(getattr(kernels, name)) for name in KERNELS}
     for name, stand_in in found.items():
         monkeypatch.setattr(kernels, name, stand_in)
@@ -71,11 +81,28 @@ def _misaligned(shape, dtype=torch.float32):
 
 
 @pytest.mark.parametrize('module', [
-    BlockFeatureMapDistortion(0.1, 3, next_layer=torch.nn.Conv2d(8, 4, 3)),
-    BlockFeatureMapDistortion(0.1, 3, shared_mask=True, mode='exact', next_layer=torch.nn.Conv2d(8, 4, 3)),
-    FeatureMapDistortion(0.1, next_layer=torch.nn.Conv2d(8, 4, 1)),
+    BlockFeatureMapDistortion(0.1, 3, gamma=2.5, next_layer=torch.nn.Conv2d(8, 4, 3)),
+    BlockFeatureMapDistortion(0.1, 3, gamma=2.5, shared_mask=True, mode='exact', next_layer=torch.nn.Conv2d(8, 4, 3)),
+    FeatureMapDistortion(0.1, gamma=2.5, next_layer=torch.nn.Conv2d(8, 4, 1)),
 ], ids=['block-approx', 'shared-exact', 'element'])
-def test_direct_launches_are_the_launches_triton_would_make(stand_ins, module):
+def test_direct_launches_are_the_launches_triton_would_make(stand_ins, module, monkeypatch):
+    """Each direct launch goes through the compiled kernel's real runner with the kernel Triton would choose and the
+    values Triton would pass for the same call (distinct floats: rate, w_factor, gamma and t_scale all differ)."""
+    checked = {name: 0 for name in KERNELS}
+    call = Launch.__call__
+
+    def checking(launch, kernel, *leading):  # Triton's binding of this very call, beside its direct launch
+        before = len(kernel.direct)
+        call(launch, kernel, *leading)
+        if len(kernel.direct) > before:
+            compiled, grid, values = kernel.direct[-1]
+            key, bound = kernel.bind(*leading, *launch.fixed, **launch.kwargs)
+            assert key == compiled.key, 'a direct launch used a kernel Triton would not have chosen'
+            assert values == bound, 'a direct launch passed other values than Triton would'
+            assert grid == launch.grid + (1,) * (3 - len(launch.grid))
+            checked[kernel.jit.__name__] += 1
+
+    monkeypatch.setattr(Launch, '__call__', checking)
     torch.manual_seed(0)
     maps = [torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6), _misaligned((2, 8, 6, 6)), torch.randn(2, 8, 6, 6),
             torch.randn(2, 8, 6, 6).to(torch.bfloat16), torch.randn(2, 8, 6, 6).to(torch.bfloat16)]
@@ -87,13 +114,9 @@ def test_direct_launches_are_the_launches_triton_would_make(stand_ins, module):
         # Triton binds a launch only for a new key: fp32 aligned, misaligned, bf16 (the gradient kernel: its
         # gradient's alignment, not the map's); every other launch is direct
         assert len(stand_in.through_triton) == 3, name
-        assert len(stand_in.direct) == len(maps) - 3, name
-        for compiled, values in stand_in.direct:
-            key, bound = stand_in.bind(*values, **compiled.options)
-            assert key == compiled.key, f'{name}: a direct launch used a kernel Triton would not have chosen'
-            assert bound == values, f'{name}: a direct launch passed other values than Triton would'
+        assert len(stand_in.direct) == checked[name] == len(maps) - 3, name
     # the direct launches pass the call's own tensors: the gradient kernel's first argument is the incoming gradient
-    assert stand_ins['fmd_grad_kernel'].direct[-1][1][0].data_ptr() == grads[-1].data_ptr()
+    assert stand_ins['fmd_grad_kernel'].direct[-1][2][0].data_ptr() == grads[-1].data_ptr()
 
 
 def _grad_fixed(stand_in):
@@ -121,7 +144,7 @@ def test_key_separates_what_triton_specialises():
     assert (len({k for k, _ in bindings}), len({t for _, t in bindings})) == (16, 12)
 
 
-def test_launch_without_a_compiled_kernel_goes_through_triton_every_time():
+def test_launch_without_a_compiled_kernel_goes_through_triton_every_time(driver):
     """The interpreter (and a test's stand-in) return no compiled kernel: every call is ``kernel[grid](...)``; a
     launcher is never reused for another kernel object."""
     calls = []
