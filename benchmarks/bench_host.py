@@ -8,12 +8,14 @@ draw, autograd, and Triton's launch path. Where a step's host time exceeds its G
 nothing can be launched, but all of that runs on CPU tensors (``fused.forced()``): the kernels are replaced by
 stand-ins that do what ``JITFunction.run`` does -- bind and specialise the arguments with Triton's own binder for an
 sm_90 target, then launch through the compiled kernel's own runner (launch metadata, hooks) -- and stop where the C
-launcher would call the driver. Not included: the driver's device and stream queries (stubbed), the C launcher and
+launcher would call the driver. They leave out the rest of ``JITFunction.run`` (its kernel-cache lookup, globals check
+and hook loops: a few microseconds per launch, in the second column only). Not included: the driver's device and stream queries (stubbed), the C launcher and
 the driver's launch (a few microseconds per kernel, in both launching columns) and the GPU.
 
 Columns, side by side (each repeat runs every column in turn), microseconds per forward+backward, the best of the
 repeats (a shared machine only ever slows a timing down, so the least disturbed one is the least biased):
-"no launches" -- the stand-ins do nothing: the op's own host time; "Triton binds every launch" -- every launch
+"no launches" -- the stand-ins return at once: the op's own host time up to its launches (``Launch``'s keying of
+each, some 6 us, included); "Triton binds every launch" -- every launch
 through ``kernel[grid](...)`` (the op before ``timm_fmd.ops.launch``); "as shipped" -- Triton binds a launch with a
 new key once, then the compiled kernel's runner is called directly; "saved", the difference of the two in
 microseconds. Then Triton's binder alone, per launch of each kernel.
@@ -171,6 +173,8 @@ def measure(shape, repeats: int, calls: int) -> List[Dict]:
     finally:
         for name, kernel in originals.items():
             setattr(kernels, name, kernel)
+        fused._launches.cache_clear()  # no launch configuration keeps a stand-in (and the tensors it holds)
+        fused._grad_launch.cache_clear()
     rows = [dict(item=name, **{mode: min(times[name, mode]) for mode in MODES}) for name in modules]
     for kernel_name, stand_in in stand_ins['Triton binds every launch'].items():
         args, kwargs = stand_in.last

@@ -19,7 +19,7 @@ Forward: a seed draw, ``fmd_stats`` (one kernel: statistics partials), then ``fm
 program merges the partials, then distorts its tile); approx mode adds the next layer's ``K_M`` (one ``amax``),
 exact mode the ERC gradient ``D`` in PyTorch between the two ops (``rademacher_sup``: the next layer's op, its
 transpose and a few reductions).
-Backward: ``fmd_grad``, one kernel. No host synchronisation anywhere; the probability may be a 0-dim device
+Backward: ``fmd_grad``, one kernel (in eager mode itself differentiable, for ``create_graph=True``). No host synchronisation anywhere; the probability may be a 0-dim device
 tensor (the block seed rate then comes from :func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the
 kernels), so the ops can be captured in a CUDA graph and ``torch.compile(fullgraph=True)`` sees them as opaque
 ops with fake (shape) implementations. Eager calls launch the same kernels without the custom-op dispatch (an
@@ -419,8 +419,27 @@ class _EagerApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_stats):
         seed, prob, stats = ctx.saved_tensors
-        return (_launch_grad(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides),) + \
-            (None,) * (_APPLY_INPUTS - 1)
+        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): the gradient is differentiable too
+            dx = _EagerGrad.apply(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
+        else:
+            dx = _launch_grad(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
+        return (dx,) + (None,) * (_APPLY_INPUTS - 1)
+
+
+class _EagerGrad(torch.autograd.Function):
+    """The backward kernel as a differentiable op, for ``create_graph=True``: ``dx = where(m, 0, grad * scale)`` is
+    linear in ``grad`` and its own adjoint, so its backward launches the same kernel on the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, grad, seed, prob, stats, rate, config, strides):
+        ctx.save_for_backward(seed, prob, stats)
+        ctx.rate, ctx.config, ctx.grad_strides = rate, config, list(grad.stride())
+        return _launch_grad(grad, seed, prob, stats, rate, config, strides)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        seed, prob, stats = ctx.saved_tensors
+        return (_EagerGrad.apply(upstream, seed, prob, stats, ctx.rate, ctx.config, ctx.grad_strides),) + (None,) * 6
 
 
 def distort(

@@ -12,7 +12,8 @@ from timm_fmd.ops import fused
 from timm_fmd.ops.distortion import BlockFeatureMapDistortion, _distort
 from timm_fmd.ops.masks import block_mask
 
-from .test_fused import TILINGS, _check_against_reference, _report, check_draws_do_not_depend_on_the_tiling
+from .test_fused import (TILINGS, _check_against_reference, _report, check_draws_do_not_depend_on_the_tiling,
+                         check_gradient_of_the_gradient)
 
 pytestmark = pytest.mark.cuda
 
@@ -40,6 +41,10 @@ def test_tokens_match_the_reference_on_cuda():
     torch.manual_seed(1)
     x = torch.randn(8, 197, 96, device='cuda', dtype=torch.bfloat16)
     _check_against_reference(x, 0.1, layout='NLC', mode='exact', next_layer=nn.Linear(96, 48).cuda())
+
+
+def test_gradient_of_the_gradient_on_cuda():
+    check_gradient_of_the_gradient(torch.device('cuda'))
 
 
 def test_realised_fraction_is_distributed_as_the_reference():

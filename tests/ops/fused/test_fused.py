@@ -393,6 +393,27 @@ def test_forward_and_backward_dispatch_few_ops(monkeypatch):
     assert backward.names == [] and launches[2:] == ['fmd_grad_kernel']
 
 
+def check_gradient_of_the_gradient(device):
+    """``create_graph=True`` through a fused site: the gradient w.r.t. the map, ``where(m, 0, v * scale)``, is linear
+    in the upstream gradient ``v``, and so is its gradient w.r.t. ``v`` (upstream ``u``) and that one's w.r.t. ``u``:
+    each equals the first-order gradient for an upstream of ones (same seed, same mask) times its upstream."""
+    module = BlockFeatureMapDistortion(0.3, 3, next_layer=nn.Conv2d(4, 3, 3, padding=1).to(device))
+    x, v, u = (torch.randn(2, 4, 7, 7, device=device, requires_grad=True) for _ in range(3))
+    torch.manual_seed(0)
+    (gx,) = torch.autograd.grad(module(x), x, v, create_graph=True)
+    (gv,) = torch.autograd.grad(gx, v, u, create_graph=True)
+    (gu,) = torch.autograd.grad(gv.sum(), u)
+    torch.manual_seed(0)
+    out = module(x)
+    (ones,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(gx, ones * v) and torch.equal(gv, ones * u) and torch.equal(gu, ones)
+    assert (ones == 0).any() and (ones > 1).any()  # a mask was drawn, kept values rescaled
+
+
+def test_gradient_of_the_gradient_for_a_gradient_penalty():
+    check_gradient_of_the_gradient(torch.device('cpu'))
+
+
 def test_compiles_into_one_graph_with_the_custom_ops():
     torch.manual_seed(0)
     layer = nn.Conv2d(6, 8, 3, padding=1)
