@@ -9,8 +9,9 @@ nothing can be launched, but all of that runs on CPU tensors (``fused.forced()``
 stand-ins that do what ``JITFunction.run`` does -- bind and specialise the arguments with Triton's own binder for an
 sm_90 target, then launch through the compiled kernel's own runner (launch metadata, hooks) -- and stop where the C
 launcher would call the driver. They leave out the rest of ``JITFunction.run`` (its kernel-cache lookup, globals check
-and hook loops: a few microseconds per launch, in the second column only). Not included: the driver's device and stream queries (stubbed), the C launcher and
-the driver's launch (a few microseconds per kernel, in both launching columns) and the GPU.
+and hook loops: a few microseconds per launch, in the second column only). Not included: the driver's device and
+stream queries (stubbed), the C launcher and the driver's launch (a few microseconds per kernel, in both launching
+columns) and the GPU.
 
 Columns, side by side (each repeat runs every column in turn), microseconds per forward+backward, the best of the
 repeats (a shared machine only ever slows a timing down, so the least disturbed one is the least biased):

@@ -394,7 +394,7 @@ class FeatureMapDistortion(nn.Module):
             block_size=self.block_size, shared_mask=self.shared_mask, layout=self.layout, generator=self.generator,
             mask=None)
         if not torch.compiler.is_compiling():
-            self.__dict__['last_fraction'] = fraction  # a plain attribute: nn.Module.__setattr__'s checks cost host time
+            self.__dict__['last_fraction'] = fraction  # a plain attribute: skips nn.Module.__setattr__'s checks
         return out
 
     def _forward_prob(self) -> Union[float, torch.Tensor]:

@@ -15,18 +15,17 @@ What differs from the reference, by design:
 * ``std(x)`` is exact over every element (Chan/Welford partials), never the reference's strided subset;
 * autograd keeps the seed and a 4-float statistics buffer, never a mask: the backward kernel regenerates it.
 
-Forward: a seed draw, ``fmd_stats`` (one kernel: statistics partials), then ``fmd_apply`` (one kernel: each
-program merges the partials, then distorts its tile); approx mode adds the next layer's ``K_M`` (one ``amax``),
-exact mode the ERC gradient ``D`` in PyTorch between the two ops (``rademacher_sup``: the next layer's op, its
-transpose and a few reductions).
-Backward: ``fmd_grad``, one kernel (in eager mode itself differentiable, for ``create_graph=True``). No host synchronisation anywhere; the probability may be a 0-dim device
-tensor (the block seed rate then comes from :func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the
-kernels), so the ops can be captured in a CUDA graph and ``torch.compile(fullgraph=True)`` sees them as opaque
-ops with fake (shape) implementations. Eager calls launch the same kernels without the custom-op dispatch (an
-``autograd.Function``): that dispatch was a third of an eager call's host time. Either way every launch goes through
-a :class:`timm_fmd.ops.launch.Launch` made once per map shape, layout, device and config (tiles, grid, sizes, strides
-and constexprs computed once), which calls the compiled kernel without Triton's per-call binding after its first
-launch (``benchmarks/bench_host.py`` measures the host time this saves).
+Forward: a seed draw, ``fmd_stats`` (one kernel: statistics partials), then ``fmd_apply`` (one kernel: each program
+merges the partials, then distorts its tile); approx mode adds the next layer's ``K_M`` (one ``amax``), exact mode the
+ERC gradient ``D`` in PyTorch between the two ops (``rademacher_sup``: the next layer's op, its transpose and a few
+reductions). Backward: ``fmd_grad``, one kernel (in eager mode itself differentiable, for ``create_graph=True``). No
+host synchronisation anywhere; the probability may be a 0-dim device tensor (the block seed rate then comes from
+:func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the kernels), so the ops can be captured in a CUDA graph and
+``torch.compile(fullgraph=True)`` sees them as opaque ops with fake (shape) implementations. Eager calls launch the same
+kernels without the custom-op dispatch (an ``autograd.Function``): that dispatch was a third of an eager call's host
+time. Either way every launch goes through a :class:`timm_fmd.ops.launch.Launch` made once per map shape, layout, device
+and config (tiles, grid, sizes, strides and constexprs computed once), which calls the compiled kernel without Triton's
+per-call binding after its first launch (``benchmarks/bench_host.py`` measures the host time this saves).
 """
 import contextlib
 import functools
