@@ -11,7 +11,7 @@ import torch.nn as nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from timm_fmd.ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion
+from timm_fmd.ops.distortion import BlockFeatureMapDistortion, FeatureMapDistortion, feature_map_distortion
 
 
 def _bool_views(graphs):
@@ -72,3 +72,38 @@ def test_compiles_without_graph_breaks_when_shapes_change():
         out = compiled(x)
         out.sum().backward()
         assert out.shape == shape and 0.5 < (x.grad != 0).float().mean().item() < 0.95
+
+
+def check_compiles_again_with_other_settings(x, layer, **kw):
+    """A float that differs from the one a function was first compiled with is made symbolic by dynamo (automatic
+    dynamic): a second module with another gamma, or the functional op called with another prob and gamma, must still
+    trace in one graph (no host check or host-solved seed rate of a symbolic float) and use the new values: compiled
+    equals eager, draw for draw (the same seed; ``kw`` chooses an op whose compiled and eager draws are the same),
+    up to rounding."""
+    outs = []
+    for gamma in (1.0, 3.0):
+        m = BlockFeatureMapDistortion(0.2, 3, next_layer=layer, gamma=gamma, **kw)
+        torch.manual_seed(1)
+        out = torch.compile(m, backend='aot_eager', fullgraph=True)(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(out, m(x))
+        outs.append(out)
+
+    for block_size in (3, None):
+        def op(x, prob, gamma):
+            return feature_map_distortion(x, prob, gamma=gamma, block_size=block_size, next_layer=layer, **kw)
+
+        compiled = torch.compile(op, backend='aot_eager', fullgraph=True)
+        for prob, gamma in ((0.1, 1.0), (0.3, 3.0)):
+            torch.manual_seed(1)
+            out = compiled(x, prob, gamma)
+            torch.manual_seed(1)
+            torch.testing.assert_close(out, op(x, prob, gamma))
+            outs.append(out)
+    for a, b in zip(outs[::2], outs[1::2]):
+        assert not torch.equal(a, b)  # the settings took effect
+
+
+def test_compiles_again_with_other_settings():
+    torch.manual_seed(0)
+    check_compiles_again_with_other_settings(torch.randn(2, 6, 9, 9), nn.Conv2d(6, 8, 3, padding=1), mode='exact')

@@ -174,6 +174,10 @@ def _distort(
     """
     if not isinstance(prob, torch.Tensor):
         prob = check_prob(prob)
+        if block_size is not None and mask is None and torch.compiler.is_compiling():
+            # dynamo makes a float that changes between calls symbolic, and the block seed rate of a float is
+            # solved on the host: a 0-dim tensor takes the table path (as a module's prob_now does)
+            prob = torch.full((), prob, dtype=torch.float32, device=x.device)
     gamma = check_non_negative(gamma, 'gamma')
     lam = check_non_negative(lam, 'lam')
     steps = check_positive_int(steps, 'steps')

@@ -19,7 +19,7 @@ def check_prob(value: Any, name: str = 'prob') -> float:
     """A distortion probability: a real number in [0, 1)."""
     if not _is_real(value):
         raise TypeError(f'{name} must be a float in [0, 1), got {value!r}')
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+    if not 0.0 <= value < 1.0:  # NaN fails it too
         raise ValueError(f'{name} must be in [0, 1), got {value!r}')
     return float(value)
 
@@ -28,7 +28,7 @@ def check_non_negative(value: Any, name: str) -> float:
     """A finite real number >= 0 (step lengths, weights of penalty terms)."""
     if not _is_real(value):
         raise TypeError(f'{name} must be a finite float >= 0, got {value!r}')
-    if not (math.isfinite(value) and value >= 0.0):
+    if not 0.0 <= value < math.inf:  # NaN fails it too
         raise ValueError(f'{name} must be a finite float >= 0, got {value!r}')
     return float(value)
 

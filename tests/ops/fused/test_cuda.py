@@ -12,6 +12,7 @@ from timm_fmd.ops import fused
 from timm_fmd.ops.distortion import BlockFeatureMapDistortion, _distort
 from timm_fmd.ops.masks import block_mask
 
+from ..test_graph import check_compiles_again_with_other_settings
 from .test_fused import (TILINGS, _check_against_reference, _report, check_draws_do_not_depend_on_the_tiling,
                          check_gradient_of_the_gradient)
 
@@ -58,6 +59,12 @@ def test_realised_fraction_is_distributed_as_the_reference():
     ref = torch.stack([block_mask(*shape, 0.1, 7, device='cuda').float().mean() for _ in range(200)])
     assert abs(ours.mean().item() - 0.1) < 4 * ref.std().item() / 200 ** 0.5
     assert 0.75 < ours.std().item() / ref.std().item() < 1.25
+
+
+def test_compiles_again_with_other_settings_on_cuda():
+    torch.manual_seed(0)
+    check_compiles_again_with_other_settings(torch.randn(2, 6, 9, 9, device='cuda'),
+                                             nn.Conv2d(6, 8, 3, padding=1).cuda())
 
 
 @pytest.mark.parametrize('mode', ['default', 'reduce-overhead'])

@@ -17,6 +17,7 @@ from timm_fmd.ops.distortion import BlockFeatureMapDistortion, FeatureMapDistort
 from timm_fmd.ops.masks import block_mask, block_seed_rate, clamp_block_size, grow_blocks
 from timm_fmd.ops.next_layer import NextLayer
 from timm_fmd.ops.noise import GivenNoise
+from ..test_graph import check_compiles_again_with_other_settings
 
 pytestmark = pytest.mark.interpreter
 
@@ -436,6 +437,13 @@ def test_compiles_into_one_graph_with_the_custom_ops():
     x = torch.randn(3, 6, 9, 10, requires_grad=True)
     compiled(x).sum().backward()
     assert 0.6 < (x.grad != 0).float().mean().item() < 0.95
+
+
+def test_compiles_again_with_other_settings():
+    """As tests/ops/test_graph.py's test of the same name, on the fused path (approx: its compiled and eager draws
+    are the same too)."""
+    torch.manual_seed(0)
+    check_compiles_again_with_other_settings(torch.randn(2, 6, 9, 9), nn.Conv2d(6, 8, 3, padding=1))
 
 
 def test_the_realised_fraction_has_no_gradient_eager_or_compiled():
