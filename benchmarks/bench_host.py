@@ -1,7 +1,7 @@
 """Host time of the fused op, measured without a GPU: everything up to the kernels' launches runs for real.
 
     python benchmarks/bench_host.py                  # the README's table
-    python benchmarks/bench_host.py --repeats 21 --calls 400
+    python benchmarks/bench_host.py --repeats 21 --calls 100 --sites 1
 
 An eager training step pays every FMD site's host time on every call: the op's Python, its allocations and seed
 draw, autograd, and Triton's launch path. Where a step's host time exceeds its GPU time, the GPU waits. Without a GPU
@@ -13,8 +13,11 @@ and hook loops: a few microseconds per launch, in the second column only). Not i
 stream queries (stubbed), the C launcher and the driver's launch (a few microseconds per kernel, in both launching
 columns) and the GPU.
 
-Columns, side by side (each repeat runs every column in turn), microseconds per forward+backward, the best of the
-repeats (a shared machine only ever slows a timing down, so the least disturbed one is the least biased):
+Each forward+backward runs ``--sites`` sites (default 8) in a chain and one ``backward`` call through them all, as a
+model does: that call's own cost (argument checks, the autograd engine's start; some 40 us here) is shared among its
+sites, not paid by each. Columns, side by side (each repeat runs every column in turn), microseconds per site per
+forward+backward, the best of the repeats (a shared machine only ever slows a timing down, so the least disturbed one
+is the least biased):
 "no launches" -- the stand-ins return at once: the op's own host time up to its launches (``Launch``'s keying of
 each, some 6 us, included); "Triton binds every launch" -- every launch
 through ``kernel[grid](...)`` (the op before ``timm_fmd.ops.launch``); "as shipped" -- Triton binds a launch with a
@@ -145,9 +148,10 @@ def _per_call(fn: Callable[[], None], calls: int) -> float:
         gc.enable()
 
 
-def measure(shape, repeats: int, calls: int) -> List[Dict]:
-    """Microseconds per forward+backward of each variant in each mode, and of the binder alone per launch of each
-    kernel (the best of ``repeats``)."""
+def measure(shape, repeats: int, calls: int, sites: int = 1) -> List[Dict]:
+    """Microseconds per site per forward+backward of each variant in each mode -- ``sites`` sites in a chain, one
+    ``backward`` call through them all, as in a model -- and of the binder alone per launch of each kernel (the best
+    of ``repeats``)."""
     from timm_fmd.ops import kernels
     originals = {name: getattr(kernels, name) for name in KERNELS}
     stand_ins = {mode: {name: StandIn(k, mode) for name, k in originals.items()} for mode in MODES}
@@ -158,7 +162,10 @@ def measure(shape, repeats: int, calls: int) -> List[Dict]:
 
     def step(module):
         def call():
-            module(x).backward(grad)
+            y = x
+            for _ in range(sites):
+                y = module(y)
+            y.backward(grad)
             x.grad = None
         return call
 
@@ -176,18 +183,19 @@ def measure(shape, repeats: int, calls: int) -> List[Dict]:
             setattr(kernels, name, kernel)
         fused._launches.cache_clear()  # no launch configuration keeps a stand-in (and the tensors it holds)
         fused._grad_launch.cache_clear()
-    rows = [dict(item=name, **{mode: min(times[name, mode]) for mode in MODES}) for name in modules]
+    rows = [dict(item=name, **{mode: min(times[name, mode]) / sites for mode in MODES}) for name in modules]
     for kernel_name, stand_in in stand_ins['Triton binds every launch'].items():
         args, kwargs = stand_in.last
-        binder = min(_per_call(lambda: stand_in.bind(*args, **kwargs), calls) for _ in range(repeats))
+        binder = min(_per_call(lambda: stand_in.bind(*args, **kwargs), calls * sites) for _ in range(repeats))
         rows.append(dict(item=f'Triton binder alone: {kernel_name} ({len(args)} arguments, {len(kwargs)} keywords)',
                          binder=binder))
     return rows
 
 
-def print_table(rows: List[Dict], shape) -> None:
-    print(f'Host time per forward+backward, {tuple(shape)} fp32, p 0.1, block 7, next layer a 3x3 conv; '
-          f'torch {torch.__version__}, {torch.get_num_threads()} thread(s); microseconds')
+def print_table(rows: List[Dict], shape, sites: int) -> None:
+    print(f'Host time per site per forward+backward ({sites} site(s) in a chain, one backward call), {tuple(shape)} '
+          f'fp32, p 0.1, block 7, next layer a 3x3 conv; torch {torch.__version__}, {torch.get_num_threads()} '
+          f'thread(s); microseconds')
     width = max(len(r['item']) for r in rows)
     print(f"{'item':<{width}} | {MODES[0]:>11} | {MODES[1]:>25} | {MODES[2]:>10} | {'saved':>13}")
     for r in rows:
@@ -205,17 +213,20 @@ def main(argv=None) -> None:
                    help='BxCxHxW of the map (default %(default)s; CPU tensor work that is a single launch on a GPU, '
                         'such as the next weight\'s amax, grows with it)')
     p.add_argument('--repeats', type=int, default=11)
-    p.add_argument('--calls', type=int, default=200, help='forward+backward calls per timing')
+    p.add_argument('--calls', type=int, default=40, help='forward+backward calls per timing (default %(default)s)')
+    p.add_argument('--sites', type=int, default=8,
+                   help='sites in a chain per forward+backward (default %(default)s): a model calls backward once for '
+                        'all its sites, and that call\'s own cost (~40 us here) is shared among them')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default %(default)s)')
     args = p.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.lower().split('x'))
     if len(shape) != 4 or min(shape) < 1:
         p.error(f'--shape must be BxCxHxW with positive sizes, got {args.shape!r}')
-    for name in ('repeats', 'calls', 'threads'):
+    for name in ('repeats', 'calls', 'sites', 'threads'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
     torch.set_num_threads(args.threads)
-    print_table(measure(shape, args.repeats, args.calls), shape)
+    print_table(measure(shape, args.repeats, args.calls, args.sites), shape, args.sites)
 
 
 if __name__ == '__main__':

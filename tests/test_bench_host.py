@@ -31,11 +31,12 @@ def test_table_rows_and_binder_counts(capsys, monkeypatch):
         assert min(no_launch, every, shipped) > 0 and row[4].endswith('%)')
     assert [r[0].split(' (')[0] for r in rows[3:]] == [f'Triton binder alone: {k}' for k in bench.KERNELS]
     assert all(float(r[2]) > 0 for r in rows[3:])
-    # each variant makes 8 forward+backward calls of 3 launches: as shipped, Triton binds each variant's 3 launches
-    # once and the compiled kernels are called after; the binder-alone rows bind on the every-launch stand-ins
+    # each variant makes 5 warm-up and 3 timed forward+backward calls through a chain of 8 sites (the default), 3
+    # launches per site: as shipped, Triton binds each variant's 3 launches once and the compiled kernels are called
+    # after; every launch of the other stand-ins is bound, and so is each of the binder-alone rows' 5 + 3 x 8 calls
     assert binds['no launches'] == 0
     assert binds['as shipped'] == 3 * 3
-    assert binds['Triton binds every launch'] > 3 * 8 * 3
+    assert binds['Triton binds every launch'] == 3 * (5 + 3) * 8 * 3 + 3 * (5 + 3 * 8)
 
 
 @pytest.mark.parametrize('argv,message', [(['--shape', '2x8x6'], 'BxCxHxW'), (['--calls', '0'], '--calls')])
