@@ -5,6 +5,8 @@ Inductor's CPU backend lowers a dtype-reinterpreting view of a bool tensor, its 
 cannot catch it; instead the op is traced to aten graphs (forward and backward, as inductor would receive
 them) and every ``aten.view.dtype`` node is checked.
 """
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -100,6 +102,9 @@ def check_compiles_again_with_other_settings(x, layer, **kw):
             torch.manual_seed(1)
             torch.testing.assert_close(out, op(x, prob, gamma))
             outs.append(out)
+        for bad in (math.inf, math.nan, -1.0):  # still checked when symbolic (dynamo assumes such floats finite)
+            with pytest.raises(Exception, match='gamma must be a finite float >= 0'):
+                compiled(x, 0.3, bad)
     for a, b in zip(outs[::2], outs[1::2]):
         assert not torch.equal(a, b)  # the settings took effect
 

@@ -5,7 +5,7 @@ naming the argument, the value and what is accepted.
 """
 from __future__ import annotations
 
-import math
+import sys
 from typing import Any, Iterable
 
 __all__ = ['check_prob', 'check_non_negative', 'check_positive_int', 'check_choice']
@@ -28,7 +28,9 @@ def check_non_negative(value: Any, name: str) -> float:
     """A finite real number >= 0 (step lengths, weights of penalty terms)."""
     if not _is_real(value):
         raise TypeError(f'{name} must be a finite float >= 0, got {value!r}')
-    if not 0.0 <= value < math.inf:  # NaN fails it too
+    # NaN fails it too; a finite bound, as math.inf is not: dynamo folds ``value < inf`` to True for a symbolic
+    # float (it assumes such floats finite) and would then accept inf at run time
+    if not 0.0 <= value <= sys.float_info.max:
         raise ValueError(f'{name} must be a finite float >= 0, got {value!r}')
     return float(value)
 
