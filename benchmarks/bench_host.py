@@ -148,7 +148,7 @@ def _per_call(fn: Callable[[], None], calls: int) -> float:
         gc.enable()
 
 
-def measure(shape, repeats: int, calls: int, sites: int = 1) -> List[Dict]:
+def measure(shape, repeats: int, calls: int, sites: int) -> List[Dict]:
     """Microseconds per site per forward+backward of each variant in each mode -- ``sites`` sites in a chain, one
     ``backward`` call through them all, as in a model -- and of the binder alone per launch of each kernel (the best
     of ``repeats``)."""
