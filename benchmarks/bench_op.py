@@ -7,7 +7,9 @@
 Rows are measured side by side in one process: each repetition runs every method once, in turn,
 and the table reports medians, so drifting machine load hits all methods alike. "ms" is the wall time of one
 synchronised call, host launch time included (what an eager training step pays). On CUDA each FMD row comes
-twice: the fused Triton path (what the op runs there) and the PyTorch reference path beside it, and "GPU ms" is
+twice: the fused Triton path (what the op runs there) and the PyTorch reference path beside it, per-channel rows a
+third time as "fused, 8 warps": the fused path at the first design's 16 tile elements a thread (``fused.num_warps``:
+the kernel_resources counts say 8 a thread doubles the resident warps; this row says what that is worth). "GPU ms" is
 the same forward+backward captured once in a CUDA graph and replayed: the GPU's time alone, without the host's
 (methods that are not capture-safe, the reference path, show "-"). "ms" minus "GPU ms" is the host's share.
 ``--profile`` adds, for the first shape, each GPU kernel of one fused per-channel approx forward+backward with its
@@ -18,9 +20,10 @@ allocated memory of one forward+backward is reported as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,6 +73,21 @@ def authors_formula(x: torch.Tensor, prob: float, block_size: int, weight: torch
 
 def _reference(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     with fused.disabled():
+        return fn()
+
+
+@contextlib.contextmanager
+def thread_elements(n: int) -> Iterator[None]:
+    """The fused kernels' launches with ``n`` tile elements a GPU thread (:data:`fused.THREAD_ELEMENTS`)."""
+    before, fused.THREAD_ELEMENTS = fused.THREAD_ELEMENTS, n
+    try:
+        yield
+    finally:
+        fused.THREAD_ELEMENTS = before
+
+
+def _with_thread_elements(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with thread_elements(n):
         return fn()
 
 
@@ -174,6 +192,9 @@ def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma
             if device.type == 'cuda':  # the fused Triton path and, beside it, the PyTorch reference
                 methods[f'{tag}  block FMD {mode} fused'] = run
                 methods[f'{tag}  block FMD {mode} reference'] = lambda r=run: _reference(r)
+                if not shared:
+                    methods[f'{tag}  block FMD {mode} fused, 8 warps'] = \
+                        lambda r=run: _with_thread_elements(16, r)  # noqa: E731
             else:
                 methods[f'{tag}  block FMD {mode}'] = run
     methods["per-channel  authors' formula"] = lambda: authors_formula(x, prob, block_size, next_conv.weight, gamma)

@@ -66,3 +66,16 @@ def test_kernel_profile_counts_each_kernel_per_call():
     assert all(name.startswith('aten::') and us > 0 for name, _, us in rows)
     assert [us for _, _, us in rows] == sorted((us for _, _, us in rows), reverse=True)
     assert x.grad is None
+
+
+def test_thread_elements_sets_the_fused_launches_for_the_call_only():
+    from timm_fmd.ops import fused
+    before = fused.THREAD_ELEMENTS
+    tiles = fused.plan((32, 1024, 14, 14), 196, 7, 7, gpu=True, programs=528)
+    seen = bench._with_thread_elements(16, lambda: (fused.THREAD_ELEMENTS, fused.num_warps(tiles)))
+    assert seen == (16, 8) and fused.num_warps(tiles) == 16  # the first design's 8 warps, the shipped 16
+    assert fused._budget(torch.device('cpu'))[1] == before == 8  # read at each call: part of the launches' key
+    with pytest.raises(RuntimeError, match='boom'):
+        with bench.thread_elements(4):
+            raise RuntimeError('boom')
+    assert fused.THREAD_ELEMENTS == before

@@ -15,7 +15,7 @@ sys.modules['gpu_check'] = gc  # dataclasses resolve their annotations through s
 _spec.loader.exec_module(gc)
 
 # bench_op.py's table as printed on the H200 (../shared/gpu/02-bench-op.txt), with fused rows of the kind the
-# fused path adds, the GPU ms column of graph replays ("-": not captured), and its second table (another first
+# fused path adds (and a comparison at other launch settings), the GPU ms column of graph replays ("-": not captured), and its second table (another first
 # header) after a blank line
 BENCH_OP = """device=cuda torch=2.11.0+cu130 threads=16 prob=0.1 block=7 repeats=20 (median fwd+bwd)
              shape | method                           |       ms |  x timm | saved MB |  peak MB |   GPU ms
@@ -23,6 +23,7 @@ BENCH_OP = """device=cuda torch=2.11.0+cu130 threads=16 prob=0.1 block=7 repeats
 (32, 1024, 14, 14) | shared  block FMD approx fused   |     0.21 |   0.38x |      0.0 |     12.0 |    0.050
 (32, 1024, 14, 14) | per-channel  timm DropBlock2d    |     0.55 |   1.00x |     24.5 |     99.0 |    0.130
 (32, 1024, 14, 14) | per-channel  block FMD approx reference |     1.44 |   2.60x |     24.5 |    178.6 |        -
+(32, 1024, 14, 14) | per-channel  block FMD approx fused, 8 warps |     0.25 |   0.45x |      0.0 |     12.3 |    0.055
 (32, 1024, 14, 14) | per-channel  block FMD approx fused |     0.28 |   0.51x |      0.0 |     12.3 |    0.061
 (32, 1024, 14, 14) | per-channel  block FMD exact fused |     0.71 |   1.29x |      0.0 |     13.0 |    0.210
 (32, 1024, 14, 14) | per-channel  authors' formula    |     1.40 |   2.52x |     82.6 |    171.6 |    0.400
@@ -71,7 +72,7 @@ def ok(text: str) -> 'gc.Outcome':
 
 def test_parse_table_reads_the_benchmark_tables():
     rows = gc.parse_table(BENCH_OP, 'shape')
-    assert len(rows) == 8 and rows[0] == {'shape': '(32, 1024, 14, 14)', 'method': 'shared  timm DropBlock2d',
+    assert len(rows) == 9 and rows[0] == {'shape': '(32, 1024, 14, 14)', 'method': 'shared  timm DropBlock2d',
                                           'ms': '0.55', 'x timm': '1.00x', 'saved MB': '0.0', 'peak MB': '49.0',
                                           'GPU ms': '0.120'}
     assert [r['variant'] for r in gc.parse_table(R50_EAGER, 'variant')][:2] == ['plain', 'timm DropBlock']
@@ -100,6 +101,7 @@ def test_parse_pytest_reads_xdist_lines():
 def test_op_row_for_picks_the_fused_fmd_row_of_the_target():
     rows = gc.parse_table(BENCH_OP, 'shape')
     assert gc.op_row_for(rows, 'per-channel block FMD approx')['method'] == 'per-channel  block FMD approx fused'
+    assert any(r['method'].endswith('fused, 8 warps') for r in rows)  # a comparison row is no candidate
     assert gc.op_row_for(rows, 'per-channel block FMD exact')['ms'] == '0.71'
     plain = [r for r in rows if 'fused' not in r['method']]
     assert gc.op_row_for(plain, 'per-channel block FMD approx') is None  # the reference row is no candidate
@@ -118,7 +120,7 @@ def test_rows_put_measured_values_beside_the_targets():
         ('eager', 'FMD per-channel exact'): ('3.74x (87.2 ms)', 'missed'),
         ('torch.compile', 'FMD per-channel approx'): ('1.03x (20.6 ms)', 'met'),  # <= 1.05x
     }
-    assert sum(r[0] == 'op fwd+bwd (32, 1024, 14, 14)' for r in rows) == 7  # every row at that shape, no other
+    assert sum(r[0] == 'op fwd+bwd (32, 1024, 14, 14)' for r in rows) == 8  # every row at that shape, no other
     kernels = [r[1:3] for r in rows if r[0].startswith('op kernels')]
     assert kernels == [['fmd_apply_kernel', '60.5 us GPU per call (1.0 launches)'],
                        ['fmd_grad_kernel', '30.1 us GPU per call (1.0 launches)'],

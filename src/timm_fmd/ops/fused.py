@@ -45,7 +45,8 @@ from .noise import generator_kwargs
 __all__ = ['applies', 'distort', 'forced', 'disabled', 'plan', 'MAX_ELEMENTS']
 
 MAX_ELEMENTS = 1 << 30  # Philox counters and offsets are int32
-TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (8 warps; no spills on sm_90, see the tests)
+TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (no spills on sm_90, see the tests)
+THREAD_ELEMENTS = 8  # tile elements per GPU thread: 16 warps for a full tile (see num_warps)
 INTERPRET_TILE_ELEMENTS = 1 << 16  # the interpreter costs ~50 ms per program whatever its size: few, large tiles
 PROGRAMS_PER_SM = 4
 PARTS_BLOCK = 1024  # statistics partials merged per loop step by every apply program
@@ -194,9 +195,17 @@ def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     return fallback if t is None else t  # an unused pointer argument still needs a tensor
 
 
-def num_warps(tiles: _Plan) -> int:
-    """8 warps for the largest tiles: 16-32 elements per thread keep the registers below 255 (no spills)."""
-    return 8 if tiles.bc * tiles.th * tiles.tw >= 4096 else 4
+def num_warps(tiles: _Plan, thread_elements: Optional[int] = None) -> int:
+    """Warps of a program: a thread per ``thread_elements`` (default :data:`THREAD_ELEMENTS`) elements of its
+    tile, 4 to 16.
+
+    Why 8: a 16-warp program may take at most 128 registers a thread, and the kernels fit in them without spills,
+    so every kernel keeps at least 16 warps resident on an sm_90 SM (25% occupancy). At 16 elements a thread
+    (8 warps, the first design) ptxas gave the contiguous-layout kernels up to 255 registers: one 8-warp program
+    per SM (12.5%). Counted by ``python -m timm_fmd.ops.kernel_resources``; ``benchmarks/bench_op.py`` times
+    both settings on a GPU."""
+    per = THREAD_ELEMENTS if thread_elements is None else thread_elements
+    return max(4, min(16, tiles.bc * tiles.th * tiles.tw // (32 * per)))
 
 
 def _table(cfg: _Config, x4: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
@@ -207,9 +216,10 @@ def _table(cfg: _Config, x4: torch.Tensor, unused: torch.Tensor) -> torch.Tensor
     return seed_rate_table(x4.shape[2], x4.shape[3], cfg.kh, cfg.kw, x4.device)
 
 
-def _mask_args(cfg: _Config, tiles: _Plan) -> dict:
+def _mask_args(cfg: _Config, tiles: _Plan, thread_elements: int) -> dict:
     return dict(BLOCK=bool(cfg.block), SHARED=bool(cfg.shared), RATE_FROM=cfg.rate_from, TABLE_SIZE=RATE_TABLE_SIZE,
-                BC=tiles.bc, TH=tiles.th, TW=tiles.tw, PACKED=tiles.packed, num_warps=num_warps(tiles))
+                BC=tiles.bc, TH=tiles.th, TW=tiles.tw, PACKED=tiles.packed,
+                num_warps=num_warps(tiles, thread_elements))
 
 
 class _Launches(NamedTuple):
@@ -230,7 +240,7 @@ def _meta(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Tuple[torch.Tenso
 
 @functools.lru_cache(maxsize=1024)  # keyed on all that decides the launches, the plan's tile budget included
 def _launches(shape: Tuple[int, ...], strides: Tuple[int, ...], device: torch.device, config: Tuple[int, ...],
-              report: bool, budget: int, programs: int) -> _Launches:
+              report: bool, budget: int, thread_elements: int, programs: int) -> _Launches:
     cfg = _Config(*config)
     x, out = _meta(shape, strides)
     x4, out4 = _as_4d(x), _as_4d(out)
@@ -241,17 +251,20 @@ def _launches(shape: Tuple[int, ...], strides: Tuple[int, ...], device: torch.de
                    (_T_SCALE, cfg.window, batch, channels, height, width, *x4.stride(), tiles.b_chunk, tiles.n_tiles,
                     *walk),
                    dict(EXACT=bool(cfg.exact), HAS_KM=bool(cfg.has_km), SIGNED=bool(cfg.signed), REPORT=report,
-                        CB=min(tiles.bc, CHANNEL_BLOCK), WINP=_np2(cfg.window), **_mask_args(cfg, tiles)))
+                        CB=min(tiles.bc, CHANNEL_BLOCK), WINP=_np2(cfg.window),
+                        **_mask_args(cfg, tiles, thread_elements)))
     apply = Launch((tiles.n_tiles, tiles.n_split),
                    (_T_SCALE, float(x4.numel()), tiles.n_stat * tiles.n_split, cfg.window, batch, channels, height,
                     width, *x4.stride(), *out4.stride(), tiles.b_chunk, *walk),
-                   dict(EXACT=bool(cfg.exact), REPORT=report, PB=PARTS_BLOCK, **_mask_args(cfg, tiles)))
+                   dict(EXACT=bool(cfg.exact), REPORT=report, PB=PARTS_BLOCK,
+                        **_mask_args(cfg, tiles, thread_elements)))
     return _Launches(cfg, tiles, out.stride(), stats, apply)
 
 
 @functools.lru_cache(maxsize=1024)
 def _grad_launch(shape: Tuple[int, ...], grad_strides: Tuple[int, ...], dx_strides: Tuple[int, ...],
-                 device: torch.device, config: Tuple[int, ...], budget: int, programs: int) -> Launch:
+                 device: torch.device, config: Tuple[int, ...], budget: int, thread_elements: int,
+                 programs: int) -> Launch:
     cfg = _Config(*config)
     g4, dx4 = (_as_4d(_meta(shape, strides)[0]) for strides in (grad_strides, dx_strides))
     batch, channels, height, width = g4.shape
@@ -259,14 +272,14 @@ def _grad_launch(shape: Tuple[int, ...], grad_strides: Tuple[int, ...], dx_strid
     return Launch((tiles.n_tiles, tiles.n_split),
                   (_T_SCALE, batch, channels, height, width, *g4.stride(), *dx4.stride(), tiles.b_chunk, tiles.n_ht,
                    tiles.n_wt, tiles.w_step, cfg.kh, cfg.kw),
-                  _mask_args(cfg, tiles))
+                  _mask_args(cfg, tiles, thread_elements))
 
 
-def _budget(device: torch.device) -> Tuple[int, int]:
-    """What :func:`plan` reads besides the shape: the tile budget and the target number of programs (read at each
-    call: tests set them)."""
+def _budget(device: torch.device) -> Tuple[int, int, int]:
+    """What the launches read besides the shape: the tile budget, the tile elements per thread and the target
+    number of programs (read at each call: tests and ``bench_op.py`` set them)."""
     gpu = device.type == 'cuda'
-    return TILE_ELEMENTS if gpu else INTERPRET_TILE_ELEMENTS, _target_programs(device)
+    return TILE_ELEMENTS if gpu else INTERPRET_TILE_ELEMENTS, THREAD_ELEMENTS, _target_programs(device)
 
 
 def _forward_launches(x: torch.Tensor, config: List[int], report: Optional[dict]) -> _Launches:

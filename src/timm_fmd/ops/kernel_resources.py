@@ -5,7 +5,8 @@
 Each kernel is compiled by Triton for ``GPUTarget('cuda', capability, 32)`` with the tiles that
 :func:`timm_fmd.ops.fused.plan` picks on a GPU and the JIT's specialisation of the launch's integers, for the
 benchmark shapes, contiguous and channels_last, per-channel and shared masks; ``ptxas -v`` (shipped with Triton)
-reports registers and spill stores/loads of the PTX. A kernel that only the interpreter accepts fails here.
+reports registers and spill stores/loads of the PTX, and :func:`resident_warps` turns registers and shared memory
+into the warps an SM keeps resident (theoretical occupancy). A kernel that only the interpreter accepts fails here.
 Run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels by Python functions).
 """
 from __future__ import annotations
@@ -23,6 +24,25 @@ from .masks import RATE_TABLE_SIZE
 
 # the last: ViT tokens (B, N, C) in canonical (B, C, 1, N)
 SHAPES = [(32, 1024, 14, 14), (32, 2048, 7, 7), (64, 64, 32, 32), (64, 256, 56, 56), (64, 768, 1, 197)]
+
+
+# sm_90 (CUDA C++ Programming Guide, technical specifications per compute capability; CUDA occupancy calculator)
+SM90_REGISTERS = 65536  # 32-bit registers per SM
+SM90_REGISTER_UNIT = 8  # registers per thread are allocated in multiples of 8 (256 per warp)
+SM90_WARPS = 64  # resident warps per SM
+SM90_PROGRAMS = 32  # resident thread blocks per SM
+SM90_SHARED = 228 * 1024  # shared memory per SM, bytes
+SM90_SHARED_RESERVED = 1024  # bytes the system reserves per thread block
+
+
+def resident_warps(registers: int, shared: int, warps: int) -> int:
+    """Warps of a kernel that one sm_90 SM keeps resident: whole programs of ``warps`` warps that fit its
+    registers (``registers`` a thread), its shared memory (``shared`` bytes a program), and its warp and program
+    limits. Out of 64: 16 is 25% theoretical occupancy."""
+    per_thread = -(-registers // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+    programs = min(SM90_PROGRAMS, SM90_WARPS // warps, SM90_REGISTERS // (per_thread * 32 * warps),
+                   SM90_SHARED // (shared + SM90_SHARED_RESERVED))
+    return programs * warps
 
 
 def _signature(fn, types: Dict[str, str], constexprs: Dict[str, object]) -> Dict[str, str]:
@@ -68,8 +88,9 @@ def _specialise(fn, values: Dict[str, int], constexprs: Dict[str, object]) -> Tu
 def compile_kernel(fn, types: Dict[str, str], constexprs: Dict[str, object], capability: int = 90,
                    warps: int = 4, values: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Compile ``fn`` for ``sm_<capability>`` as a launch with the integer arguments ``values`` would be
-    specialised, and return its registers and spill bytes (``ptxas -v``) and its multiply-high instructions
-    (``mul.hi`` in the PTX: two per Philox round, most of Philox's work)."""
+    specialised, and return its registers and spill bytes (``ptxas -v``), its shared memory in bytes (Triton's), its
+    resident warps per SM (:func:`resident_warps`, sm_90's limits) and its multiply-high instructions (``mul.hi``
+    in the PTX: two per Philox round, most of Philox's work)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -80,7 +101,10 @@ def compile_kernel(fn, types: Dict[str, str], constexprs: Dict[str, object], cap
     compiled = triton.compile(src, target=GPUTarget('cuda', capability, 32), options={'num_warps': warps})
     ptx = compiled.asm['ptx']
     arch = re.search(r'\.target\s+(sm_\w+)', ptx).group(1)
-    return dict(_ptxas_usage(ptx, arch), mul_hi=len(re.findall(r'\bmul\.hi\.', ptx)))
+    usage = _ptxas_usage(ptx, arch)
+    shared = int(compiled.metadata.shared)
+    return dict(usage, shared=shared, resident_warps=resident_warps(usage['registers'], shared, warps),
+                mul_hi=len(re.findall(r'\bmul\.hi\.', ptx)))
 
 
 def _launch_values(shape: Tuple[int, int, int, int], channels_last: bool, tiles, kh: int, kw: int) -> Dict[str, int]:
@@ -148,11 +172,11 @@ def main() -> None:
     import triton
     print(f'triton {triton.__version__}, sm_90, bf16, block 7, tiles from fused.plan')
     print(f"{'kernel':<14} | {'shape':<20} | {'layout':<13} | {'mask':<11} | {'tile (C,H,W)':<14} | warps | regs | "
-          f"spill st | spill ld | mul.hi")
+          f"spill st | spill ld | shared B | warps/SM | mul.hi")
     for r in kernel_resources(layouts=(True, False), shared=(False, True)):
         print(f"{r['kernel']:<14} | {str(r['shape']):<20} | {r['layout']:<13} | {r['mask']:<11} | "
               f"{str(r['tile']):<14} | {r['warps']:5d} | {r['registers']:4d} | {r['spill_stores']:8d} | "
-              f"{r['spill_loads']:8d} | {r['mul_hi']:6d}")
+              f"{r['spill_loads']:8d} | {r['shared']:8d} | {r['resident_warps']:8d} | {r['mul_hi']:6d}")
 
 
 if __name__ == '__main__':
