@@ -2,6 +2,7 @@
 
     python benchmarks/bench_host.py                  # the README's table
     python benchmarks/bench_host.py --repeats 21 --calls 100 --sites 1
+    python benchmarks/bench_host.py --compiled       # the chain under torch.compile (inductor, fullgraph)
 
 An eager training step pays every FMD site's host time on every call: the op's Python, its allocations and seed
 draw, autograd, and Triton's launch path. Where a step's host time exceeds its GPU time, the GPU waits. Without a GPU
@@ -23,6 +24,11 @@ each, some 6 us, included); "Triton binds every launch" -- every launch
 through ``kernel[grid](...)`` (the op before ``timm_fmd.ops.launch``); "as shipped" -- Triton binds a launch with a
 new key once, then the compiled kernel's runner is called directly; "saved", the difference of the two in
 microseconds. Then Triton's binder alone, per launch of each kernel.
+
+``--compiled``: the chain of sites compiled once per variant with ``torch.compile(fullgraph=True)`` (inductor; on CPU
+it compiles the rest of the graph to C++): the host time of a compiled step's FMD sites, where the op's three
+``torch.library`` ops are called through the dispatcher from the compiled code (the forward and backward graphs), not
+through the eager ``autograd.Function``.
 """
 from __future__ import annotations
 
@@ -148,10 +154,10 @@ def _per_call(fn: Callable[[], None], calls: int) -> float:
         gc.enable()
 
 
-def measure(shape, repeats: int, calls: int, sites: int) -> List[Dict]:
+def measure(shape, repeats: int, calls: int, sites: int, compiled: bool = False) -> List[Dict]:
     """Microseconds per site per forward+backward of each variant in each mode -- ``sites`` sites in a chain, one
-    ``backward`` call through them all, as in a model -- and of the binder alone per launch of each kernel (the best
-    of ``repeats``)."""
+    ``backward`` call through them all, as in a model; with ``compiled`` the chain under ``torch.compile`` -- and of
+    the binder alone per launch of each kernel (the best of ``repeats``)."""
     from timm_fmd.ops import kernels
     originals = {name: getattr(kernels, name) for name in KERNELS}
     stand_ins = {mode: {name: StandIn(k, mode) for name, k in originals.items()} for mode in MODES}
@@ -161,23 +167,29 @@ def measure(shape, repeats: int, calls: int, sites: int) -> List[Dict]:
     modules = variants(shape)
 
     def step(module):
-        def call():
-            y = x
+        def chain(y):
             for _ in range(sites):
                 y = module(y)
-            y.backward(grad)
+            return y
+
+        # compiled once per variant: the graphs look the kernels up at each launch, so the stand-ins may change
+        forward = torch.compile(chain, fullgraph=True) if compiled else chain
+
+        def call():
+            forward(x).backward(grad)
             x.grad = None
         return call
 
     times = {(name, mode): [] for name in modules for mode in MODES}
     try:
         with fused.forced(), stub_driver():
+            steps = {name: step(module) for name, module in modules.items()}
             for _ in range(repeats):
-                for name, module in modules.items():
+                for name in modules:
                     for mode in MODES:
                         for kernel_name, stand_in in stand_ins[mode].items():
                             setattr(kernels, kernel_name, stand_in)
-                        times[name, mode].append(_per_call(step(module), calls))
+                        times[name, mode].append(_per_call(steps[name], calls))
     finally:
         for name, kernel in originals.items():
             setattr(kernels, name, kernel)
@@ -192,8 +204,10 @@ def measure(shape, repeats: int, calls: int, sites: int) -> List[Dict]:
     return rows
 
 
-def print_table(rows: List[Dict], shape, sites: int) -> None:
-    print(f'Host time per site per forward+backward ({sites} site(s) in a chain, one backward call), {tuple(shape)} '
+def print_table(rows: List[Dict], shape, sites: int, compiled: bool = False) -> None:
+    how = 'under torch.compile (inductor, fullgraph)' if compiled else 'eager'
+    print(f'Host time per site per forward+backward, {how} ({sites} site(s) in a chain, one backward call), '
+          f'{tuple(shape)} '
           f'fp32, p 0.1, block 7, next layer a 3x3 conv; torch {torch.__version__}, {torch.get_num_threads()} '
           f'thread(s); microseconds')
     width = max(len(r['item']) for r in rows)
@@ -218,6 +232,8 @@ def main(argv=None) -> None:
                    help='sites in a chain per forward+backward (default %(default)s): a model calls backward once for '
                         'all its sites, and that call\'s own cost (~40 us here) is shared among them')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default %(default)s)')
+    p.add_argument('--compiled', action='store_true',
+                   help='the chain under torch.compile(fullgraph=True), inductor (compiles for a minute or two)')
     args = p.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.lower().split('x'))
     if len(shape) != 4 or min(shape) < 1:
@@ -226,7 +242,7 @@ def main(argv=None) -> None:
         if getattr(args, name) < 1:
             p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
     torch.set_num_threads(args.threads)
-    print_table(measure(shape, args.repeats, args.calls, args.sites), shape, args.sites)
+    print_table(measure(shape, args.repeats, args.calls, args.sites, args.compiled), shape, args.sites, args.compiled)
 
 
 if __name__ == '__main__':

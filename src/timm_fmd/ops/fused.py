@@ -1,4 +1,4 @@
-"""The fused GPU path of the op: Triton kernels (:mod:`timm_fmd.ops.kernels`) behind ``torch.library`` custom ops.
+"""The fused GPU path of the op: Triton kernels (:mod:`timm_fmd.ops.kernels`) behind ``torch.library`` ops.
 
 :func:`timm_fmd.ops.distortion.feature_map_distortion` takes this path when :func:`applies` says so: the map
 is on a CUDA device, Triton imports, and the call is the common case -- ``lam == 0``, ``steps == 1``, no
@@ -22,7 +22,7 @@ reductions). Backward: ``fmd_grad``, one kernel (in eager mode itself differenti
 host synchronisation anywhere; the probability may be a 0-dim device tensor (the block seed rate then comes from
 :func:`timm_fmd.ops.masks.seed_rate_table`, interpolated in the kernels), so the ops can be captured in a CUDA graph and
 ``torch.compile(fullgraph=True)`` sees them as opaque ops with fake (shape) implementations. Eager calls launch the same
-kernels without the custom-op dispatch (an ``autograd.Function``): that dispatch was a third of an eager call's host
+kernels without the op dispatch (an ``autograd.Function``): that dispatch was a third of an eager call's host
 time. Either way every launch goes through a :class:`timm_fmd.ops.launch.Launch` made once per map shape, layout, device
 and config (tiles, grid, sizes, strides and constexprs computed once), which calls the compiled kernel without Triton's
 per-call binding after its first launch (``benchmarks/bench_host.py`` measures the host time this saves).
@@ -92,7 +92,7 @@ def applies(x: torch.Tensor, *, lam: float, steps: int, mask: Optional[torch.Ten
 
 
 class _Config(NamedTuple):
-    """What the kernels are specialised on, passed to the custom ops as a list of ints."""
+    """What the kernels are specialised on, passed to the ops as a list of ints."""
     kh: int
     kw: int
     block: int
@@ -303,6 +303,8 @@ def _kernels():
 def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
                   rate: float, w_factor: float, config: List[int],
                   report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(parts, coef)``: the statistics partials, one float32 row (n, mean, M2, distorted count) per program; and
+    the approx channel weights ``w_c`` ``(C,)`` or the exact ``G`` ``(C, *spatial)`` (Eq. 8 / 18)."""
     launches = _forward_launches(x, config, report)
     cfg, tiles = launches.cfg, launches.tiles
     x4 = _as_4d(x)
@@ -325,6 +327,8 @@ def _launch_stats(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
 def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], parts: torch.Tensor,
                   coef: torch.Tensor, rate: float, gamma: float, config: List[int],
                   report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, stats)``: the distorted map ``where(m, value, x) * scale`` in x's dtype and memory format (``coef``:
+    the approx ``w_c`` or the exact ``D``), and stats = (std, scale, fraction, gamma * std) float32."""
     launches = _forward_launches(x, config, report)
     cfg = launches.cfg
     out = torch.empty_strided(x.shape, launches.out_strides, dtype=x.dtype, device=x.device)
@@ -345,37 +349,9 @@ def _launch_apply(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tens
     return out, stats
 
 
-@torch.library.custom_op('timm_fmd::fmd_stats', mutates_args=())
-def _stats_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], k_max: Optional[torch.Tensor],
-              rate: float, w_factor: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(parts, coef)``: the statistics partials, one float32 row (n, mean, M2, distorted count) per program; and
-    the approx channel weights ``w_c`` ``(C,)`` or the exact ``G`` ``(C, *spatial)`` (Eq. 8 / 18)."""
-    return _launch_stats(x, seed, prob, k_max, rate, w_factor, config)
-
-
-@_stats_op.register_fake
-def _(x, seed, prob, k_max, rate, w_factor, config):
-    cfg = _Config(*config)
-    coef_shape = (x.shape[1],) + (tuple(x.shape[2:]) if cfg.exact else ())
-    return (x.new_empty((_parts_rows(_as_4d(x), cfg), 4), dtype=torch.float32),
-            x.new_empty(coef_shape, dtype=torch.float32))
-
-
-@torch.library.custom_op('timm_fmd::fmd_apply', mutates_args=())
-def _apply_op(x: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], parts: torch.Tensor,
-              coef: torch.Tensor, rate: float, gamma: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, stats)``: the distorted map ``where(m, value, x) * scale`` in x's dtype and memory format (``coef``:
-    the approx ``w_c`` or the exact ``D``), and stats = (std, scale, fraction, gamma * std) float32."""
-    return _launch_apply(x, seed, prob, parts, coef, rate, gamma, config)
-
-
-@_apply_op.register_fake
-def _(x, seed, prob, parts, coef, rate, gamma, config):
-    return torch.empty_like(x), x.new_empty(4, dtype=torch.float32)
-
-
 def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor,
                  rate: float, config: List[int], strides: List[int]) -> torch.Tensor:
+    """``where(m, 0, grad * scale)`` with the mask regenerated from ``seed``; laid out with ``strides``."""
     device = grad.device
     launch = _grad_launch(tuple(grad.shape), grad.stride(), tuple(strides), device, tuple(config), *_budget(device))
     dx = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
@@ -386,14 +362,40 @@ def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Te
     return dx
 
 
-@torch.library.custom_op('timm_fmd::fmd_grad', mutates_args=())
-def _grad_op(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Tensor], stats: torch.Tensor, rate: float,
-             config: List[int], strides: List[int]) -> torch.Tensor:
-    """``where(m, 0, grad * scale)`` with the mask regenerated from ``seed``; laid out with ``strides``."""
-    return _launch_grad(grad, seed, prob, stats, rate, config, strides)
+# The ops of compiled graphs, defined with torch.library's low-level API rather than torch.library.custom_op: a
+# compiled step calls three per site, and a call costs ~9 us through the dispatcher here against ~20-26 us for a
+# custom_op (whose Python wrapper checks its outputs for aliasing and redispatches below autograd), ~15 us with the
+# autograd formula that fmd_apply registers (benchmarks/bench_host.py --compiled).
+_LIB = torch.library.Library('timm_fmd', 'FRAGMENT')
+_LIB.define('fmd_stats(Tensor x, Tensor seed, Tensor? prob, Tensor? k_max, float rate, float w_factor, int[] config) '
+            '-> (Tensor, Tensor)')
+_LIB.define('fmd_apply(Tensor x, Tensor seed, Tensor? prob, Tensor parts, Tensor coef, float rate, float gamma, '
+            'int[] config) -> (Tensor, Tensor)')
+_LIB.define('fmd_grad(Tensor grad, Tensor seed, Tensor? prob, Tensor stats, float rate, int[] config, int[] strides) '
+            '-> Tensor')
+# CompositeExplicitAutograd: one kernel for every device (fake tensors take the fakes below)
+_LIB.impl('fmd_stats', _launch_stats, 'CompositeExplicitAutograd')
+_LIB.impl('fmd_apply', _launch_apply, 'CompositeExplicitAutograd')
+_LIB.impl('fmd_grad', _launch_grad, 'CompositeExplicitAutograd')
+_stats_op = torch.ops.timm_fmd.fmd_stats.default
+_apply_op = torch.ops.timm_fmd.fmd_apply.default
+_grad_op = torch.ops.timm_fmd.fmd_grad.default
 
 
-@_grad_op.register_fake
+@torch.library.register_fake('timm_fmd::fmd_stats', lib=_LIB)
+def _(x, seed, prob, k_max, rate, w_factor, config):
+    cfg = _Config(*config)
+    coef_shape = (x.shape[1],) + (tuple(x.shape[2:]) if cfg.exact else ())
+    return (x.new_empty((_parts_rows(_as_4d(x), cfg), 4), dtype=torch.float32),
+            x.new_empty(coef_shape, dtype=torch.float32))
+
+
+@torch.library.register_fake('timm_fmd::fmd_apply', lib=_LIB)
+def _(x, seed, prob, parts, coef, rate, gamma, config):
+    return torch.empty_like(x), x.new_empty(4, dtype=torch.float32)
+
+
+@torch.library.register_fake('timm_fmd::fmd_grad', lib=_LIB)
 def _(grad, seed, prob, stats, rate, config, strides):
     return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
 
@@ -414,12 +416,12 @@ def _backward(ctx, grad, _grad_stats):
     return (dx,) + (None,) * (_APPLY_INPUTS - 1)
 
 
-_apply_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd('timm_fmd::fmd_apply', _backward, setup_context=_setup_context, lib=_LIB)
 
 
 class _EagerApply(torch.autograd.Function):
-    """The apply op's launch and backward without the custom-op dispatch (eager calls: a third of the host time
-    of an op call; ``torch.compile`` traces the custom ops instead)."""
+    """The apply op's launch and backward without the op dispatch (eager calls: a third of the host time of an op
+    call, when the ops were ``custom_op``s; ``torch.compile`` traces the ops instead)."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -469,7 +471,7 @@ def distort(
     """The op on a canonical ``(B, C, *spatial)`` map: ``(out, realised fraction)`` (see the module docstring).
 
     ``next_layer`` is a :class:`timm_fmd.ops.next_layer.NextLayer` or ``None``; ``exact`` means exact mode with a
-    next layer. ``report`` (tests) runs the kernels directly, not through the custom ops, and fills the dict with
+    next layer. ``report`` (tests) runs the kernels directly, not through the ops, and fills the dict with
     what they drew: ``mask``, ``seeds`` (block seed field), ``normal``, ``sigma`` and ``weight_signs``.
     """
     # operator.index: under torch.compile with dynamic shapes the kernels' map size is specialised (a guard)

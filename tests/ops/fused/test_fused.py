@@ -439,6 +439,27 @@ def test_compiles_into_one_graph_with_the_custom_ops():
     assert 0.6 < (x.grad != 0).float().mean().item() < 0.95
 
 
+@pytest.mark.parametrize('exact', [False, True])
+def test_ops_pass_torch_library_opcheck(exact):
+    """The three ops of compiled graphs: schema (no aliasing or mutation), fake implementations against the real
+    ones, fmd_apply's autograd registration, and each op traced by AOT autograd with dynamic shapes, as
+    ``torch.library.opcheck`` checks them."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 8)
+    seed, prob = torch.randint(0, 2 ** 31 - 1, (1,)), torch.tensor(0.2)
+    k_max = None if exact else torch.randn(6, 9)
+    config = list(fused._Config(3, 3, 1, 0, int(exact), 2, 9, int(not exact), int(not exact)))
+    stats_args = (x, seed, prob, k_max, 0.0, 1.0, config)
+    parts, coef = fused._stats_op(*stats_args)
+    coef = torch.randn(6, 8, 8) if exact else coef  # exact mode applies D, computed from G between the ops
+    apply_args = (x.clone().requires_grad_(), seed, prob, parts, coef, 0.0, 1.0, config)
+    _, stats = fused._apply_op(*apply_args)
+    grad_args = (torch.randn(2, 6, 8, 8), seed, prob, stats.detach(), 0.0, config, list(x.stride()))
+    for op, args in ((fused._stats_op, stats_args), (fused._apply_op, apply_args), (fused._grad_op, grad_args)):
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {'SUCCESS'} and len(results) == 4, (op, results)
+
+
 def test_compiles_again_with_other_settings():
     """As tests/ops/test_graph.py's test of the same name, on the fused path (approx: its compiled and eager draws
     are the same too)."""
