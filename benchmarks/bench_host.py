@@ -233,7 +233,7 @@ def main(argv=None) -> None:
                         'all its sites, and that call\'s own cost (~40 us here) is shared among them')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default %(default)s)')
     p.add_argument('--compiled', action='store_true',
-                   help='the chain under torch.compile(fullgraph=True), inductor (compiles for a minute or two)')
+                   help='the chain under torch.compile(fullgraph=True), inductor (compiles for half a minute)')
     args = p.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.lower().split('x'))
     if len(shape) != 4 or min(shape) < 1:

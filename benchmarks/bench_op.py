@@ -8,8 +8,9 @@ Rows are measured side by side in one process: each repetition runs every method
 and the table reports medians, so drifting machine load hits all methods alike. "ms" is the wall time of one
 synchronised call, host launch time included (what an eager training step pays). On CUDA each FMD row comes
 twice: the fused Triton path (what the op runs there) and the PyTorch reference path beside it, per-channel rows a
-third time as "fused, 8 warps": the fused path at the first design's 16 tile elements a thread (``fused.num_warps``:
-the kernel_resources counts say 8 a thread doubles the resident warps; this row says what that is worth). "GPU ms" is
+third time as "fused, 16 a thread": the fused path at the first design's 16 tile elements a thread, 8 warps for the
+benchmark's tiles (``fused.num_warps``: the kernel_resources counts say 8 a thread doubles the resident warps; this
+row says what that is worth). "GPU ms" is
 the same forward+backward captured once in a CUDA graph and replayed: the GPU's time alone, without the host's
 (methods that are not capture-safe, the reference path, show "-"). "ms" minus "GPU ms" is the host's share.
 ``--profile`` adds, for the first shape, each GPU kernel of one fused per-channel approx forward+backward with its
@@ -193,7 +194,7 @@ def bench_shape(shape, device, repeats: int, prob: float, block_size: int, gamma
                 methods[f'{tag}  block FMD {mode} fused'] = run
                 methods[f'{tag}  block FMD {mode} reference'] = lambda r=run: _reference(r)
                 if not shared:
-                    methods[f'{tag}  block FMD {mode} fused, 8 warps'] = \
+                    methods[f'{tag}  block FMD {mode} fused, 16 a thread'] = \
                         lambda r=run: _with_thread_elements(16, r)  # noqa: E731
             else:
                 methods[f'{tag}  block FMD {mode}'] = run

@@ -247,11 +247,11 @@ TARGETS = [
 
 def op_row_for(rows: List[Dict[str, str]], item: str) -> Optional[Dict[str, str]]:
     """The bench_op row a target names (e.g. 'per-channel block FMD approx'): an FMD row of that mask kind and
-    mode, not the reference, authors', timm's or a comparison at other launch settings ('..., 8 warps'); among
-    several, the fused one."""
+    mode, not the reference, authors', timm's or a comparison at other launch settings ('..., 16 a thread');
+    among several, the fused one."""
     kind, mode = item.split()[0], item.split()[-1]
     found = [r for r in rows if r['method'].split()[0] == kind and 'FMD' in r['method'] and mode in r['method']
-             and not any(w in r['method'].lower() for w in ('reference', 'authors', 'timm', 'warps'))]
+             and not any(w in r['method'].lower() for w in ('reference', 'authors', 'timm', 'a thread'))]
     fused = [r for r in found if 'fused' in r['method'].lower()]
     return (fused or found or [None])[0]
 

@@ -15,15 +15,15 @@ sys.modules['gpu_check'] = gc  # dataclasses resolve their annotations through s
 _spec.loader.exec_module(gc)
 
 # bench_op.py's table as printed on the H200 (../shared/gpu/02-bench-op.txt), with fused rows of the kind the
-# fused path adds (and a comparison at other launch settings), the GPU ms column of graph replays ("-": not captured), and its second table (another first
-# header) after a blank line
+# fused path adds (and a comparison at other launch settings), the GPU ms column of graph replays ("-": not
+# captured), and its second table (another first header) after a blank line
 BENCH_OP = """device=cuda torch=2.11.0+cu130 threads=16 prob=0.1 block=7 repeats=20 (median fwd+bwd)
              shape | method                           |       ms |  x timm | saved MB |  peak MB |   GPU ms
 (32, 1024, 14, 14) | shared  timm DropBlock2d         |     0.55 |   1.00x |      0.0 |     49.0 |    0.120
 (32, 1024, 14, 14) | shared  block FMD approx fused   |     0.21 |   0.38x |      0.0 |     12.0 |    0.050
 (32, 1024, 14, 14) | per-channel  timm DropBlock2d    |     0.55 |   1.00x |     24.5 |     99.0 |    0.130
 (32, 1024, 14, 14) | per-channel  block FMD approx reference |     1.44 |   2.60x |     24.5 |    178.6 |        -
-(32, 1024, 14, 14) | per-channel  block FMD approx fused, 8 warps |     0.25 |   0.45x |      0.0 |     12.3 |    0.055
+(32, 1024, 14, 14) | per-channel  block FMD approx fused, 16 a thread |     0.25 |   0.45x |      0.0 |     12.3 |    0.055
 (32, 1024, 14, 14) | per-channel  block FMD approx fused |     0.28 |   0.51x |      0.0 |     12.3 |    0.061
 (32, 1024, 14, 14) | per-channel  block FMD exact fused |     0.71 |   1.29x |      0.0 |     13.0 |    0.210
 (32, 1024, 14, 14) | per-channel  authors' formula    |     1.40 |   2.52x |     82.6 |    171.6 |    0.400
@@ -101,7 +101,7 @@ def test_parse_pytest_reads_xdist_lines():
 def test_op_row_for_picks_the_fused_fmd_row_of_the_target():
     rows = gc.parse_table(BENCH_OP, 'shape')
     assert gc.op_row_for(rows, 'per-channel block FMD approx')['method'] == 'per-channel  block FMD approx fused'
-    assert any(r['method'].endswith('fused, 8 warps') for r in rows)  # a comparison row is no candidate
+    assert any(r['method'].endswith('fused, 16 a thread') for r in rows)  # a comparison row is no candidate
     assert gc.op_row_for(rows, 'per-channel block FMD exact')['ms'] == '0.71'
     plain = [r for r in rows if 'fused' not in r['method']]
     assert gc.op_row_for(plain, 'per-channel block FMD approx') is None  # the reference row is no candidate

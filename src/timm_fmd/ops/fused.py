@@ -45,7 +45,7 @@ from .noise import generator_kwargs
 __all__ = ['applies', 'distort', 'forced', 'disabled', 'plan', 'MAX_ELEMENTS']
 
 MAX_ELEMENTS = 1 << 30  # Philox counters and offsets are int32
-TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (no spills on sm_90, see the tests)
+TILE_ELEMENTS = 4096  # elements of one program's register tile on a GPU (few spills on sm_90, see the tests)
 THREAD_ELEMENTS = 8  # tile elements per GPU thread: 16 warps for a full tile (see num_warps)
 INTERPRET_TILE_ELEMENTS = 1 << 16  # the interpreter costs ~50 ms per program whatever its size: few, large tiles
 PROGRAMS_PER_SM = 4
@@ -199,11 +199,11 @@ def num_warps(tiles: _Plan, thread_elements: Optional[int] = None) -> int:
     """Warps of a program: a thread per ``thread_elements`` (default :data:`THREAD_ELEMENTS`) elements of its
     tile, 4 to 16.
 
-    Why 8: a 16-warp program may take at most 128 registers a thread, and the kernels fit in them without spills,
-    so every kernel keeps at least 16 warps resident on an sm_90 SM (25% occupancy). At 16 elements a thread
-    (8 warps, the first design) ptxas gave the contiguous-layout kernels up to 255 registers: one 8-warp program
-    per SM (12.5%). Counted by ``python -m timm_fmd.ops.kernel_resources``; ``benchmarks/bench_op.py`` times
-    both settings on a GPU."""
+    Why 8: a 16-warp program may take at most 128 registers a thread, and the kernels fit in them (spilling at most
+    16 bytes), so every kernel keeps at least 16 warps resident on an sm_90 SM (25% occupancy). At 16 elements a
+    thread (8 warps, the first design) ptxas gave many kernels, mostly of the contiguous layout, up to 255 registers:
+    one 8-warp program per SM (12.5%). Counted by ``python -m timm_fmd.ops.kernel_resources``;
+    ``benchmarks/bench_op.py`` times both settings on a GPU."""
     per = THREAD_ELEMENTS if thread_elements is None else thread_elements
     return max(4, min(16, tiles.bc * tiles.th * tiles.tw // (32 * per)))
 
@@ -367,12 +367,13 @@ def _launch_grad(grad: torch.Tensor, seed: torch.Tensor, prob: Optional[torch.Te
 # custom_op (whose Python wrapper checks its outputs for aliasing and redispatches below autograd), ~15 us with the
 # autograd formula that fmd_apply registers (benchmarks/bench_host.py --compiled).
 _LIB = torch.library.Library('timm_fmd', 'FRAGMENT')
+_PT2 = (torch.Tag.pt2_compliant_tag,)  # as custom_op tags its ops: tested with opcheck (tests/ops/fused)
 _LIB.define('fmd_stats(Tensor x, Tensor seed, Tensor? prob, Tensor? k_max, float rate, float w_factor, int[] config) '
-            '-> (Tensor, Tensor)')
+            '-> (Tensor, Tensor)', tags=_PT2)
 _LIB.define('fmd_apply(Tensor x, Tensor seed, Tensor? prob, Tensor parts, Tensor coef, float rate, float gamma, '
-            'int[] config) -> (Tensor, Tensor)')
+            'int[] config) -> (Tensor, Tensor)', tags=_PT2)
 _LIB.define('fmd_grad(Tensor grad, Tensor seed, Tensor? prob, Tensor stats, float rate, int[] config, int[] strides) '
-            '-> Tensor')
+            '-> Tensor', tags=_PT2)
 # CompositeExplicitAutograd: one kernel for every device (fake tensors take the fakes below)
 _LIB.impl('fmd_stats', _launch_stats, 'CompositeExplicitAutograd')
 _LIB.impl('fmd_apply', _launch_apply, 'CompositeExplicitAutograd')
@@ -410,10 +411,19 @@ def _setup_context(ctx, inputs, output):
     ctx.rate, ctx.config, ctx.strides = rate, config, list(x.stride())
 
 
-def _backward(ctx, grad, _grad_stats):
+def _input_grads(ctx, grad: torch.Tensor, launch_grad) -> tuple:
+    """The apply op's input gradients: ``dx`` by ``launch_grad`` (the grad op, or its launch in eager calls); with
+    ``create_graph=True`` (a gradient penalty) by :class:`_EagerGrad`, whose result is differentiable too (the grad
+    op has no autograd formula: AOT autograd traces backward graphs with grad disabled, and refuses a double
+    backward)."""
     seed, prob, stats = ctx.saved_tensors
-    dx = _grad_op(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
+    args = (grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
+    dx = _EagerGrad.apply(*args) if torch.is_grad_enabled() else launch_grad(*args)
     return (dx,) + (None,) * (_APPLY_INPUTS - 1)
+
+
+def _backward(ctx, grad, _grad_stats):
+    return _input_grads(ctx, grad, _grad_op)
 
 
 torch.library.register_autograd('timm_fmd::fmd_apply', _backward, setup_context=_setup_context, lib=_LIB)
@@ -432,12 +442,7 @@ class _EagerApply(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_stats):
-        seed, prob, stats = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): the gradient is differentiable too
-            dx = _EagerGrad.apply(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
-        else:
-            dx = _launch_grad(grad, seed, prob, stats, ctx.rate, ctx.config, ctx.strides)
-        return (dx,) + (None,) * (_APPLY_INPUTS - 1)
+        return _input_grads(ctx, grad, _launch_grad)
 
 
 class _EagerGrad(torch.autograd.Function):

@@ -44,8 +44,9 @@ def test_tokens_match_the_reference_on_cuda():
     _check_against_reference(x, 0.1, layout='NLC', mode='exact', next_layer=nn.Linear(96, 48).cuda())
 
 
-def test_gradient_of_the_gradient_on_cuda():
-    check_gradient_of_the_gradient(torch.device('cuda'))
+@pytest.mark.parametrize('backend', [None, 'eager'])
+def test_gradient_of_the_gradient_on_cuda(backend):
+    check_gradient_of_the_gradient(torch.device('cuda'), backend)
 
 
 def test_realised_fraction_is_distributed_as_the_reference():

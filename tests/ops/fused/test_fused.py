@@ -273,7 +273,7 @@ def test_normals_and_signs_are_standard():
 # ----------------------------------------------------------------------------------------------
 # the op: randomness, autograd, compile
 def test_op_takes_the_fused_path_and_matches_its_report():
-    """The custom ops run the same kernels as the report: same generator seed, same output and mask."""
+    """An eager call runs the same kernels as the report: same generator seed, same output and mask."""
     torch.manual_seed(5)
     x = torch.randn(3, 4, 9, 9, requires_grad=True)
     layer = nn.Conv2d(4, 6, 3, padding=1)
@@ -394,14 +394,17 @@ def test_forward_and_backward_dispatch_few_ops(monkeypatch):
     assert backward.names == [] and launches[2:] == ['fmd_grad_kernel']
 
 
-def check_gradient_of_the_gradient(device):
+def check_gradient_of_the_gradient(device, backend=None):
     """``create_graph=True`` through a fused site: the gradient w.r.t. the map, ``where(m, 0, v * scale)``, is linear
     in the upstream gradient ``v``, and so is its gradient w.r.t. ``v`` (upstream ``u``) and that one's w.r.t. ``u``:
-    each equals the first-order gradient for an upstream of ones (same seed, same mask) times its upstream."""
+    each equals the first-order gradient for an upstream of ones (same seed, same mask) times its upstream.
+    ``backend``: the site compiled with that ``torch.compile`` backend (``'eager'``: the ops' registered autograd
+    formula runs at backward time; AOT autograd's backends refuse a double backward)."""
     module = BlockFeatureMapDistortion(0.3, 3, next_layer=nn.Conv2d(4, 3, 3, padding=1).to(device))
+    site = module if backend is None else torch.compile(module, backend=backend, fullgraph=True)
     x, v, u = (torch.randn(2, 4, 7, 7, device=device, requires_grad=True) for _ in range(3))
     torch.manual_seed(0)
-    (gx,) = torch.autograd.grad(module(x), x, v, create_graph=True)
+    (gx,) = torch.autograd.grad(site(x), x, v, create_graph=True)
     (gv,) = torch.autograd.grad(gx, v, u, create_graph=True)
     (gu,) = torch.autograd.grad(gv.sum(), u)
     torch.manual_seed(0)
@@ -411,11 +414,12 @@ def check_gradient_of_the_gradient(device):
     assert (ones == 0).any() and (ones > 1).any()  # a mask was drawn, kept values rescaled
 
 
-def test_gradient_of_the_gradient_for_a_gradient_penalty():
-    check_gradient_of_the_gradient(torch.device('cpu'))
+@pytest.mark.parametrize('backend', [None, 'eager'])
+def test_gradient_of_the_gradient_for_a_gradient_penalty(backend):
+    check_gradient_of_the_gradient(torch.device('cpu'), backend)
 
 
-def test_compiles_into_one_graph_with_the_custom_ops():
+def test_compiles_into_one_graph_with_the_ops():
     torch.manual_seed(0)
     layer = nn.Conv2d(6, 8, 3, padding=1)
     modules = [BlockFeatureMapDistortion(0.2, 3, next_layer=layer, mode='exact'),
