@@ -14,15 +14,21 @@ sys.modules['bench_host'] = bench
 _spec.loader.exec_module(bench)
 
 
-def test_table_rows_and_binder_counts(capsys, monkeypatch):
-    binds = {mode: 0 for mode in bench.MODES}
+@pytest.fixture
+def binds(monkeypatch):
+    """Triton binder calls per stand-in mode."""
+    counts = {mode: 0 for mode in bench.MODES}
     bind = bench.StandIn.bind
 
     def counting(self, *args, **kwargs):
-        binds[self.mode] += 1
+        counts[self.mode] += 1
         return bind(self, *args, **kwargs)
 
     monkeypatch.setattr(bench.StandIn, 'bind', counting)
+    return counts
+
+
+def test_table_rows_and_binder_counts(capsys, binds):
     bench.main(['--shape', '2x8x6x6', '--repeats', '1', '--calls', '3'])
     lines = capsys.readouterr().out.splitlines()
     rows = [[c.strip() for c in line.split('|')] for line in lines[2:]]
@@ -47,7 +53,7 @@ def test_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_compiled_chain_launches_through_the_ops(capsys, monkeypatch):
+def test_compiled_chain_launches_through_the_ops(capsys, monkeypatch, binds):
     """--compiled: each variant's chain is compiled once (aot_eager here, for time: inductor's Python wrapper calls
     the ops the same way) and its launches reach the stand-ins through the torch.library ops."""
     compiles, compile_ = [], torch.compile
@@ -57,14 +63,6 @@ def test_compiled_chain_launches_through_the_ops(capsys, monkeypatch):
         return compile_(fn, backend='aot_eager', **kwargs)
 
     monkeypatch.setattr(bench.torch, 'compile', aot_eager)
-    binds = {mode: 0 for mode in bench.MODES}
-    bind = bench.StandIn.bind
-
-    def counting(self, *args, **kwargs):
-        binds[self.mode] += 1
-        return bind(self, *args, **kwargs)
-
-    monkeypatch.setattr(bench.StandIn, 'bind', counting)
     bench.main(['--compiled', '--shape', '2x8x6x6', '--repeats', '1', '--calls', '2', '--sites', '2'])
     lines = capsys.readouterr().out.splitlines()
     assert 'under torch.compile' in lines[0]
