@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,10 @@ def import_base(rev: str, where: Path):
                              capture_output=True).stdout
     subprocess.run(['tar', '-x', '-C', str(where)], input=archive, check=True)
     (where / 'src' / 'timm_fmd').rename(where / 'timm_fmd_base')
+    for source in (where / 'timm_fmd_base').rglob('*.py'):  # its torch.library ops in a namespace of their own
+        text = source.read_text()
+        source.write_text(re.sub(r"timm_fmd(?=::)|(?<=torch\.ops\.)timm_fmd\b|(?<=Library\(')timm_fmd(?=')",
+                                 'timm_fmd_base', text))
     sys.path.insert(0, str(where))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

@@ -22,6 +22,7 @@ import torch
 
 import timm_fmd  # noqa: F401  (registers the fmd_ twins)
 from timm_fmd import describe, fmd_ops, remove_fmd
+from test_coverage import EXTRA
 
 # (arch, input side, fmd_stages, number of feature_info stages, what the base model accepts:
 #  p = drop_path_rate, b = drop_block_rate, g = global_pool='' with num_classes=0,
@@ -71,8 +72,6 @@ FAMILIES = [
     ('mixer_s32_224', 64, (-2, -1), 8, 'pg', {6: (0, 1), 7: (0, 1)}),
 ]
 IDS = [f[0] for f in FAMILIES]
-# smaller pre-logits for VGG (a 512x4096x7x7 conv otherwise): the sites are in its features either way
-EXTRA = {'vgg11': dict(mlp_ratio=0.01)}
 
 
 def _counts(model):
