@@ -67,6 +67,13 @@ def test_norm_conversions_keep_every_site(change, host):
     assert _quietly(_runs_every_site, model)
 
 
+
+def test_site_summary_counts_the_fixed_weight_sites_in_words():
+    """One site on the fixed weight (layer4's last block output feeds the pool): "1 uses", not "1 use"."""
+    assert site_summary(_resnet18(fmd_sites=('skip',), fmd_stages=(-1,))) == (
+        'FMD: 2 sites (1 linked to a next layer, 1 uses the fixed weight 0.01)\n  stage 4 (layer4): 2 skip')
+
+
 def test_fused_norm_slots_follow_frozen_norms():
     """timm's BatchNormAct2d holds the op in its drop slot; its frozen twin takes the slot along."""
     model = timm.create_model('fmd_tinynet_e', fmd_input_size=(3, 64, 64))

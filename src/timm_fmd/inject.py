@@ -243,7 +243,9 @@ def site_summary(model: nn.Module) -> str:
         kinds = counts.setdefault(op.site.stage, {})
         kinds[op.site.kind] = kinds.get(op.site.kind, 0) + 1
     linked = sum(op.site.next_layer is not None for _, op in ops)
-    lines = [f'FMD: {len(ops)} sites ({linked} linked to a next layer, {len(ops) - linked} use the fixed weight 0.01)']
+    fixed = len(ops) - linked
+    lines = [f'FMD: {len(ops)} sites ({linked} linked to a next layer, {fixed} {"uses" if fixed == 1 else "use"} '
+             f'the fixed weight 0.01)']
     for stage in sorted(counts):
         kinds = ', '.join(f'{counts[stage][k]} {k}' for k in SITE_KINDS if k in counts[stage])
         lines.append(f'  stage {stage} ({names.get(stage, "?")}): {kinds}')

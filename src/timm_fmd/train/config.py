@@ -460,7 +460,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     :func:`config_from_args` coerces them, so YAML and command line share one conversion)."""
     parser.add_argument('-c', '--config', help='YAML recipe (e.g. configs/cifar10_resnet56_bfmd.yaml); command-line '
                                                'options override it, it overrides the defaults. With neither '
-                                               '--config nor --data-dir: the embedded digits recipe')
+                                               '--config nor --data-dir: the embedded digits recipe '
+                                               '(configs/digits.yaml), whose values replace the defaults shown '
+                                               'below')
     group = parser
     defaults = TrainConfig()
     for name, f in _FIELDS.items():
